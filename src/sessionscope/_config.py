@@ -1,0 +1,138 @@
+"""Turning a URL and options into an engine and a session factory, with errors that help."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = ["DEFAULT_FILENAME", "default_url", "make_engine", "make_session_factory", "safe_url"]
+
+DEFAULT_FILENAME = "sessionscope.sqlite3"
+
+# Sessions we build keep their objects loaded after the commit: the commit runs when the
+# response starts, and a streaming body or an async serializer may still read attributes
+# (an expired attribute would need a new query, which an AsyncSession cannot run implicitly).
+DEFAULT_SESSION_OPTIONS: Mapping[str, Any] = {"expire_on_commit": False}
+
+_DRIVER_PACKAGES = {
+    "aiosqlite": "aiosqlite",
+    "asyncpg": "asyncpg",
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "pymysql": "pymysql",
+    "aiomysql": "aiomysql",
+    "asyncmy": "asyncmy",
+    "mysqldb": "mysqlclient",
+    "mariadbconnector": "mariadb",
+}
+
+
+def safe_url(url: str | URL) -> str:
+    """Render ``url`` with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+def default_url() -> str:
+    """``DATABASE_URL`` if set, else the embedded SQLite file in the working directory."""
+    return os.environ.get("DATABASE_URL") or f"sqlite:///{Path.cwd() / DEFAULT_FILENAME}"
+
+
+def _parse(url: str | URL) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise ValueError(
+            f"{url!r} is not a database URL. Give one like"
+            " 'postgresql+psycopg://user:password@host/dbname' or 'sqlite:///app.sqlite3'."
+        ) from None
+
+
+def is_async_url(url: str | URL) -> bool:
+    """Tell whether the driver named in ``url`` is an asyncio driver."""
+    parsed = _parse(url)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"Unknown database driver {parsed.drivername!r} in {safe_url(parsed)!r}."
+            " Use a SQLAlchemy dialect name such as 'sqlite', 'sqlite+aiosqlite',"
+            " 'postgresql+psycopg', 'postgresql+asyncpg', 'mysql+pymysql' or 'mysql+aiomysql'."
+        ) from None
+    return bool(getattr(dialect, "is_async", False))
+
+
+def _enable_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(
+    url: str | URL, options: Mapping[str, Any], *, embedded: bool
+) -> Engine | AsyncEngine:
+    """Create the engine for ``url``, passing ``options`` to SQLAlchemy unchanged."""
+    parsed = _parse(url)
+    asynchronous = is_async_url(parsed)
+    create = create_async_engine if asynchronous else _create_sync_engine
+    try:
+        engine: Engine | AsyncEngine = create(parsed, **options)
+    except ModuleNotFoundError as exc:
+        driver = parsed.get_driver_name()
+        package = _DRIVER_PACKAGES.get(driver, exc.name or driver)
+        raise RuntimeError(
+            f"The driver {driver!r} needed for {safe_url(parsed)!r} is not installed."
+            f" Install it with 'pip install {package}'."
+        ) from exc
+    except TypeError as exc:
+        raise TypeError(
+            f"Invalid engine option for {safe_url(parsed)!r}: {exc}."
+            " 'engine_options' is passed unchanged to SQLAlchemy's create_engine();"
+            " check its documentation for the names it accepts."
+        ) from exc
+    if embedded:
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        event.listen(sync_engine, "connect", _enable_wal)
+    return engine
+
+
+def _create_sync_engine(url: URL, **options: Any) -> Engine:
+    from sqlalchemy import create_engine
+
+    return create_engine(url, **options)
+
+
+def make_session_factory(
+    engine: Engine | AsyncEngine, options: Mapping[str, Any]
+) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
+    """Build the session factory for ``engine`` and check ``options`` at once."""
+    merged = {**DEFAULT_SESSION_OPTIONS, **options}
+    factory: sessionmaker[Session] | async_sessionmaker[AsyncSession]
+    if isinstance(engine, AsyncEngine):
+        factory = async_sessionmaker(engine, **merged)
+    else:
+        factory = sessionmaker(engine, **merged)
+    try:
+        # sessionmaker only checks its options when it builds a session; building one here
+        # opens nothing (no connection until the session runs SQL) and fails early instead.
+        factory()
+    except TypeError as exc:
+        raise TypeError(
+            f"Invalid session option: {exc}. 'session_options' is passed unchanged to"
+            " SQLAlchemy's sessionmaker(); check its documentation for the names it accepts."
+        ) from exc
+    return factory

@@ -1,0 +1,196 @@
+"""Units of work: the key a session is registered under, and how it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from sqlalchemy.orm import Session, SessionTransaction
+
+__all__ = ["Binding", "Unit", "default_commit_on", "run_to_completion"]
+
+logger = logging.getLogger("sessionscope")
+
+T = TypeVar("T")
+
+# Tokens are never reused: a key left behind by a failed cleanup can never be handed to a
+# later unit, unlike id() of a request, task or thread.
+_tokens = itertools.count(1)
+
+
+class Unit:
+    """One unit of work: a request, a background job, a ``db.begin()`` block.
+
+    The unit's ``key`` is what the session registry is keyed by. A unit holds no session and
+    no connection until the code running inside it touches ``db.session``.
+    """
+
+    __slots__ = ("callbacks", "closed", "key", "rollback_only")
+
+    def __init__(self) -> None:
+        self.key = next(_tokens)
+        self.rollback_only = False
+        self.closed = False
+        self.callbacks: list[Callable[[], object]] = []
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Unit {self.key} {state}>"
+
+
+class Binding:
+    """What a ``ContextVar`` holds for the code running inside a unit.
+
+    It is a mutable holder, created before the app runs, so that every child context
+    (worker threads, tasks, inner middleware) sees the same object, and an adapter can swap
+    the unit it points to (work after the response gets a fresh unit) or clear it (the
+    request is over) without setting the ``ContextVar`` again in a context it does not own.
+    """
+
+    __slots__ = ("owner", "unit")
+
+    def __init__(self, unit: Unit | None, owner: object) -> None:
+        self.unit = unit
+        self.owner = owner
+
+
+def transaction_committed(root: SessionTransaction | None) -> bool:
+    """Tell whether a ``commit()`` that raised had already committed in the database.
+
+    After the database's COMMIT succeeded, each connection is still checked out and no
+    longer in a transaction, until the session closes it; an ``after_commit`` listener
+    that raises stops the session right there. A failure before or during COMMIT leaves a
+    connection in a transaction, or already closed by the rollback that followed a flush
+    error.
+    """
+    if root is None:
+        return False
+    connections = root.connections
+    if not connections:
+        return False
+    return all(not c.closed and c.get_transaction() is None for c in connections)
+
+
+def reset_failed_connections(root: SessionTransaction | None) -> None:
+    """Roll back, at the driver, connections whose COMMIT failed.
+
+    SQLAlchemy marks the transaction inactive whether or not COMMIT succeeded, so it never
+    rolls it back and the pool takes the connection back as it is; on SQLite a failed COMMIT
+    leaves the transaction open, and the next unit to get that connection would run inside
+    it. A connection that cannot be rolled back is invalidated instead.
+    """
+    if root is None:
+        return
+    for connection in root.connections:
+        if connection.closed or connection.invalidated:
+            continue
+        transaction = connection.get_transaction()
+        if transaction is None or transaction.is_active:
+            # Nothing open, or an active transaction that close() will roll back itself.
+            continue
+        try:
+            connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception:
+            logger.warning("Rolling back after a failed commit failed", exc_info=True)
+            connection.invalidate()
+
+
+def commit_session(session: Session) -> BaseException | None:
+    """Commit ``session``; on failure log once, clean the connection, and return the error."""
+    root = session.get_transaction()
+    try:
+        session.commit()
+    except Exception as exc:
+        if transaction_committed(root):
+            logger.error(
+                "The commit succeeded, but an 'after_commit' listener raised; the data is"
+                " stored and the response stands.",
+                exc_info=True,
+            )
+            return None
+        logger.error("Commit failed; the unit of work was rolled back.", exc_info=True)
+        reset_failed_connections(root)
+        return exc
+    return None
+
+
+def rollback_session(session: Session) -> None:
+    """Roll back ``session`` and keep it open; a failure is logged, ``close()`` ends it."""
+    try:
+        session.rollback()
+    except Exception:
+        logger.warning("Rollback failed; the session will be closed", exc_info=True)
+
+
+def close_session(session: Session) -> None:
+    """Close ``session``; an error (a dead connection, a raising listener) is logged only.
+
+    By the time ``close()`` raises, SQLAlchemy has already invalidated or checked in the
+    connection, so there is nothing left to recover.
+    """
+    try:
+        session.close()
+    except Exception:
+        logger.warning("Closing the session failed", exc_info=True)
+
+
+def run_callbacks_sync(unit: Unit) -> None:
+    """Run the unit's after-commit callbacks in order; one that raises is logged only."""
+    callbacks, unit.callbacks = unit.callbacks, []
+    for callback in callbacks:
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                raise TypeError(
+                    f"After-commit callback {callback!r} returned an awaitable, but this"
+                    " database is synchronous. Register a plain function instead."
+                )
+        except Exception:
+            logger.error("After-commit callback %r raised", callback, exc_info=True)
+
+
+async def run_callbacks_async(unit: Unit) -> None:
+    """Run the unit's after-commit callbacks in order, awaiting those that are coroutines."""
+    callbacks, unit.callbacks = unit.callbacks, []
+    for callback in callbacks:
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.error("After-commit callback %r raised", callback, exc_info=True)
+
+
+async def run_to_completion(work: Callable[[], Awaitable[T]]) -> T:
+    """Await ``work()`` to its end even if the awaiting task is cancelled meanwhile.
+
+    An anyio shield keeps anyio cancel scopes out, but not a native ``Task.cancel()``
+    (uvicorn's graceful-shutdown timeout, ``asyncio.timeout``), so the work runs in a task
+    of its own that the caller waits for until it is done; a cancellation that arrived
+    meanwhile is raised afterwards.
+    """
+    task = asyncio.ensure_future(work())
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True
+                continue
+            break
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+def default_commit_on(status: int) -> bool:
+    """The default commit predicate: commit below 400, roll back from 400."""
+    return status < 400

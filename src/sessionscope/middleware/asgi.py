@@ -1,0 +1,10 @@
+"""Placeholder."""
+
+from typing import Any
+
+__all__ = ["SessionMiddleware"]
+
+
+class SessionMiddleware:
+    def __init__(self, app: Any, db: Any = None, **options: Any) -> None:
+        raise NotImplementedError
