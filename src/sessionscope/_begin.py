@@ -27,7 +27,9 @@ class _Begin:
 
     def _open(self) -> Unit:
         if self._unit is not None:
-            raise RuntimeError("This 'db.begin()' block was already entered; call 'db.begin()' again.")
+            raise RuntimeError(
+                "This 'db.begin()' block was already entered; call 'db.begin()' again."
+            )
         unit = self._unit = self._db._open_unit()
         self._token = self._db._bind(Binding(unit, owner=self))
         return unit

@@ -6,11 +6,16 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any, Generic, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+)
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from typing_extensions import TypeVar
 
@@ -18,6 +23,7 @@ from . import _config
 from ._unit import (
     Binding,
     Unit,
+    close_async_session,
     close_session,
     commit_session,
     rollback_session,
@@ -56,6 +62,29 @@ class _SessionProperty:
         return registry if registry is not None else db._setup()
 
 
+class _BeginProperty:
+    """``db.begin()``: an independent unit of work for scripts, CLI commands, jobs and tests.
+
+    ``with db.begin() as session:`` (``async with`` for an async driver) commits when the
+    block ends normally, rolls back when it raises, and always removes the session. Inside
+    the block ``db.session`` is that session. Nested inside another unit it is a separate
+    unit with its own session and transaction.
+    """
+
+    @overload
+    def __get__(self, db: None, owner: type[Any]) -> _BeginProperty: ...
+    @overload
+    def __get__(self, db: Database[AsyncSession], owner: type[Any]) -> Callable[[], AsyncBegin]: ...
+    @overload
+    def __get__(self, db: Database[Session], owner: type[Any]) -> Callable[[], SyncBegin]: ...
+    @overload
+    def __get__(self, db: Database[Any], owner: type[Any]) -> Any: ...
+    def __get__(self, db: Database[Any] | None, owner: type[Any]) -> Any:
+        if db is None:
+            return self
+        return db._begin
+
+
 class Database(Generic[SessionT]):
     """One database: its engine, its session factory, and the session of each unit of work.
 
@@ -83,6 +112,7 @@ class Database(Generic[SessionT]):
     """
 
     session = _SessionProperty()
+    begin = _BeginProperty()
 
     @overload
     def __init__(
@@ -134,9 +164,7 @@ class Database(Generic[SessionT]):
         given = [name for name, value in (("url", url), ("engine", engine),
                  ("session_factory", session_factory)) if value is not None]  # fmt: skip
         if len(given) > 1:
-            raise TypeError(
-                f"Give only one of 'url', 'engine' or 'session_factory', not {given}."
-            )
+            raise TypeError(f"Give only one of 'url', 'engine' or 'session_factory', not {given}.")
         if engine_options and url is None and (engine or session_factory):
             raise TypeError(
                 "'engine_options' only applies when sessionscope creates the engine from a"
@@ -156,6 +184,7 @@ class Database(Generic[SessionT]):
         self._embedded = False
         self._registry: scoped_session[Session] | async_scoped_session[AsyncSession] | None
         self._registry = None
+        self._async = False
         self._setup_lock = threading.Lock()
         self._binding: ContextVar[Binding | None] = ContextVar("sessionscope_unit", default=None)
         self._units: set[Unit] = set()
@@ -204,9 +233,7 @@ class Database(Generic[SessionT]):
                         self._embedded = url.startswith("sqlite:///") and url.endswith(
                             _config.DEFAULT_FILENAME
                         )
-                    engine = _config.make_engine(
-                        url, self._engine_options, embedded=self._embedded
-                    )
+                    engine = _config.make_engine(url, self._engine_options, embedded=self._embedded)
                     self._owns_engine = True
                     self._engine = engine
                 factory = _config.make_session_factory(engine, self._session_options)
@@ -224,6 +251,7 @@ class Database(Generic[SessionT]):
                 registry = async_scoped_session(factory, scopefunc=self._scopefunc)
             else:
                 registry = scoped_session(factory, scopefunc=self._scopefunc)
+            self._async = isinstance(registry, async_scoped_session)
             self._registry = registry
             return registry
 
@@ -243,7 +271,9 @@ class Database(Generic[SessionT]):
     @property
     def is_async(self) -> bool:
         """Whether ``db.session`` is an ``AsyncSession`` (an asyncio driver)."""
-        return isinstance(self.session, async_scoped_session)
+        if self._registry is None:
+            self._setup()
+        return self._async
 
     @property
     def url(self) -> str:
@@ -265,7 +295,7 @@ class Database(Generic[SessionT]):
             self._raise_no_unit(binding)
         return unit.key
 
-    def _raise_no_unit(self, binding: Binding | None) -> Any:
+    def _raise_no_unit(self, binding: Binding | None) -> NoReturn:
         if binding is not None:
             raise RuntimeError(
                 "The unit of work this code ran in has already finished, so 'db.session'"
@@ -307,7 +337,7 @@ class Database(Generic[SessionT]):
         registry = self._registry
         if registry is None:
             return None
-        session: Session | AsyncSession | None = registry.registry.registry.get(unit.key)  # type: ignore[attr-defined]
+        session: Session | AsyncSession | None = registry.registry.registry.get(unit.key)
         return session
 
     def _take_session(self, unit: Unit) -> Session | AsyncSession | None:
@@ -320,7 +350,7 @@ class Database(Generic[SessionT]):
         if registry is None:
             return None
         session: Session | AsyncSession | None
-        session = registry.registry.registry.pop(unit.key, None)  # type: ignore[attr-defined]
+        session = registry.registry.registry.pop(unit.key, None)
         return session
 
     def in_transaction(self, unit: Unit) -> bool:
@@ -337,7 +367,7 @@ class Database(Generic[SessionT]):
     def live_sessions(self) -> int:
         """How many sessions the registry holds now (for tests and leak checks)."""
         registry = self._registry
-        return 0 if registry is None else len(registry.registry.registry)  # type: ignore[attr-defined]
+        return 0 if registry is None else len(registry.registry.registry)
 
     def after_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback()`` after the current unit commits successfully.
@@ -355,14 +385,35 @@ class Database(Generic[SessionT]):
         """
         self._current().rollback_only = True
 
-    def begin(self) -> SyncBegin | AsyncBegin:
-        """Open an independent unit of work for scripts, CLI commands, jobs and tests.
+    def init_app(self, app: Any, **options: Any) -> None:
+        """Manage this database's sessions for a Flask app, as a Flask extension.
 
-        ``with db.begin() as session:`` (``async with`` for an async driver) commits when the
-        block ends normally, rolls back when it raises, and always removes the session.
-        Inside the block ``db.session`` is that session. Nested inside another unit it is a
-        separate unit with its own session and transaction.
+        Each request gets a unit of work, committed or rolled back by its final status
+        before the status reaches the server, and removed when the response is closed. An
+        app context outside a request (CLI commands, ``flask shell``, tests) gets a unit
+        of its own, removed when the context is torn down and never committed. A Database
+        created without a URL takes it from ``app.config``: ``SQLALCHEMY_DATABASE_URI`` or
+        ``DATABASE_URL``, with ``SQLALCHEMY_ENGINE_OPTIONS`` and ``SQLALCHEMY_SESSION_OPTIONS``.
+
+        :param app: the ``flask.Flask`` application.
+        :param options: ``commit_on`` and ``on_commit_error``, as for
+            ``WSGISessionMiddleware``.
+
+        ```python
+        db = Database()
+
+        def create_app() -> Flask:
+            app = Flask(__name__)
+            db.init_app(app)
+            return app
+        ```
         """
+        # Imported here so that 'import sessionscope' loads no Flask.
+        from .adapters.flask import init_app
+
+        init_app(self, app, **options)
+
+    def _begin(self) -> SyncBegin | AsyncBegin:
         from ._begin import AsyncBegin, SyncBegin
 
         return AsyncBegin(self) if self.is_async else SyncBegin(self)
@@ -433,7 +484,7 @@ class Database(Generic[SessionT]):
             assert isinstance(session, AsyncSession)
             # Shielded and run to completion: a cancelled request must still give its
             # connection back, and never leave it to the garbage collector.
-            await run_to_completion(lambda: session.run_sync(close_session))
+            await run_to_completion(lambda: close_async_session(session))
 
     # -- engines --------------------------------------------------------------------------
 
@@ -446,9 +497,7 @@ class Database(Generic[SessionT]):
         if not self._owns_engine or self._engine is None:
             return
         if isinstance(self._engine, AsyncEngine):
-            raise TypeError(
-                "This database uses an async driver; use 'await db.dispose_async()'."
-            )
+            raise TypeError("This database uses an async driver; use 'await db.dispose_async()'.")
         self._engine.dispose()
 
     async def dispose_async(self) -> None:

@@ -6,11 +6,15 @@ import asyncio
 import inspect
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
+from sqlalchemy.exc import IllegalStateChangeError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionState
 
 __all__ = ["Binding", "Unit", "default_commit_on", "run_to_completion"]
 
@@ -62,18 +66,12 @@ class Binding:
 def transaction_committed(root: SessionTransaction | None) -> bool:
     """Tell whether a ``commit()`` that raised had already committed in the database.
 
-    After the database's COMMIT succeeded, each connection is still checked out and no
-    longer in a transaction, until the session closes it; an ``after_commit`` listener
-    that raises stops the session right there. A failure before or during COMMIT leaves a
-    connection in a transaction, or already closed by the rollback that followed a flush
-    error.
+    SQLAlchemy marks the transaction committed right after the database's COMMIT, before
+    it runs the ``after_commit`` listeners; a listener that raises stops ``commit()`` there.
+    A failure before or during COMMIT (a flush error, a ``before_commit`` listener, the
+    COMMIT itself) never reaches that state. SQLAlchemy offers no public accessor for it.
     """
-    if root is None:
-        return False
-    connections = root.connections
-    if not connections:
-        return False
-    return all(not c.closed and c.get_transaction() is None for c in connections)
+    return getattr(root, "_state", None) is SessionTransactionState.COMMITTED
 
 
 def reset_failed_connections(root: SessionTransaction | None) -> None:
@@ -134,9 +132,50 @@ def close_session(session: Session) -> None:
     connection, so there is nothing left to recover.
     """
     try:
+        # A commit interrupted by a cancellation or another BaseException left its connection
+        # in a transaction that close() would not roll back (see reset_failed_connections).
+        reset_failed_connections(session.get_transaction())
         session.close()
     except Exception:
         logger.warning("Closing the session failed", exc_info=True)
+
+
+# How long the close of an AsyncSession waits for another task still inside it (SQLAlchemy's
+# default pool timeout: that task may be waiting for a connection).
+CLOSE_WAIT = 30.0
+
+
+async def close_async_session(session: AsyncSession) -> None:
+    """Close ``session`` as ``close_session`` does, waiting for a task still inside it.
+
+    Using one ``AsyncSession`` from several tasks at once is an error that SQLAlchemy reports
+    to one of them; the others keep running, one may be checking out a connection, and
+    ``close()`` refuses to run meanwhile. Giving up there would leave that connection to the
+    garbage collector, so the close is retried until the other task is out.
+    """
+    deadline: float | None = None
+    while True:
+        try:
+            await session.run_sync(lambda s: reset_failed_connections(s.get_transaction()))
+            await session.close()
+        except IllegalStateChangeError:
+            now = time.monotonic()
+            if deadline is None:
+                logger.warning(
+                    "Another task is still using the session (one 'AsyncSession' was used"
+                    " by several tasks at once); closing it once that task is out",
+                    exc_info=True,
+                )
+                deadline = now + CLOSE_WAIT
+            elif now > deadline:
+                logger.error("Gave up closing a session another task kept using")
+                return
+            await asyncio.sleep(0.005)
+        except Exception:
+            logger.warning("Closing the session failed", exc_info=True)
+            return
+        else:
+            return
 
 
 def run_callbacks_sync(unit: Unit) -> None:
@@ -146,6 +185,10 @@ def run_callbacks_sync(unit: Unit) -> None:
         try:
             result = callback()
             if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    # Never to be awaited: close it now rather than leave the garbage
+                    # collector a "coroutine was never awaited" warning for a later request.
+                    result.close()
                 raise TypeError(
                     f"After-commit callback {callback!r} returned an awaitable, but this"
                     " database is synchronous. Register a plain function instead."

@@ -1,0 +1,219 @@
+"""Building a ``Database``: the default URL, bad input and the messages it gets, disposal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from sessionscope import Database
+
+from ._models import Item
+from .conftest import Backend, DatabaseFactory, backend_params
+
+SECRET = "s3cr3t-pw"
+PG_URL = f"postgresql+psycopg://app:{SECRET}@127.0.0.1:1/app"
+
+
+# -- the default URL ------------------------------------------------------------------------
+
+
+def test_database_url_from_the_environment_is_used_when_no_url_is_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Twelve-factor deployments configure the database through DATABASE_URL."""
+    path = tmp_path / "from-env.sqlite3"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
+    db = Database()
+    try:
+        with db.begin() as session:
+            session.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        assert path.exists()
+        assert db.url == f"sqlite:///{path}"
+    finally:
+        db.dispose()
+
+
+def test_embedded_default_is_an_sqlite_file_in_wal_mode_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The zero-configuration form must work, and WAL lets readers run during a write."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    db = Database()
+    try:
+        with db.begin() as session:
+            assert isinstance(session, Session)
+            mode = session.execute(sa.text("PRAGMA journal_mode")).scalar_one()
+        assert mode == "wal"
+        assert (tmp_path / "sessionscope.sqlite3").exists()
+    finally:
+        db.dispose()
+
+
+def test_embedded_default_is_resolved_at_first_use_not_at_import(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """'sessionscope.db' is built at import; the URL must come from the environment of use."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    db = Database()
+    monkeypatch.chdir(tmp_path)
+    try:
+        with db.begin() as session:
+            session.execute(sa.text("SELECT 1"))
+        assert (tmp_path / "sessionscope.sqlite3").exists()
+    finally:
+        db.dispose()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_unknown_driver_is_a_value_error_listing_real_ones() -> None:
+    """A typo in the driver name must say what the valid spellings look like."""
+    with pytest.raises(ValueError, match="Unknown database driver 'postgress'") as caught:
+        Database(f"postgress://app:{SECRET}@localhost/app")
+    assert "postgresql+psycopg" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_text_that_is_not_a_url_is_a_value_error() -> None:
+    """A path or a bare name given as URL must be refused with an example of a real URL."""
+    with pytest.raises(ValueError, match="is not a database URL"):
+        Database("just-a-name")
+
+
+def test_driver_not_installed_names_the_package_to_install() -> None:
+    """A known driver that is missing must say which 'pip install' fixes it."""
+    with pytest.raises(RuntimeError, match=r"pip install psycopg2-binary") as caught:
+        Database(f"postgresql+psycopg2://app:{SECRET}@localhost/app")
+    assert SECRET not in str(caught.value)
+    assert isinstance(caught.value.__cause__, ModuleNotFoundError)
+
+
+def test_bad_engine_option_is_a_type_error_at_construction() -> None:
+    """A misspelled engine option must fail at start-up, not on the first request."""
+    with pytest.raises(TypeError, match=r"Invalid engine option.*pool_sise") as caught:
+        Database(PG_URL, engine_options={"pool_sise": 5})
+    assert SECRET not in str(caught.value)
+
+
+def test_bad_session_option_is_a_type_error_at_construction(tmp_path: Path) -> None:
+    """A misspelled session option must fail at start-up, not on the first request."""
+    with pytest.raises(TypeError, match=r"Invalid session option.*expire_on_comit"):
+        Database(f"sqlite:///{tmp_path / 'x.sqlite3'}", session_options={"expire_on_comit": 1})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"url": "sqlite://", "engine": "ENGINE"}, "Give only one of"),
+        ({"url": "sqlite://", "session_factory": "FACTORY"}, "Give only one of"),
+        ({"engine": "ENGINE", "session_factory": "FACTORY"}, "Give only one of"),
+        ({"engine": "ENGINE", "engine_options": {"echo": True}}, "'engine_options' only applies"),
+        (
+            {"session_factory": "FACTORY", "session_options": {"autoflush": False}},
+            "'session_options' does not apply",
+        ),
+    ],
+    ids=[
+        "url+engine",
+        "url+factory",
+        "engine+factory",
+        "engine+engine_options",
+        "factory+session_options",
+    ],
+)
+def test_conflicting_arguments_are_a_type_error(
+    arguments: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    """Two sources for one thing (or options nobody would apply) must not be silently ignored."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    factory = sessionmaker(engine)
+    given: dict[str, Any] = {
+        name: engine if value == "ENGINE" else factory if value == "FACTORY" else value
+        for name, value in arguments.items()
+    }
+    try:
+        with pytest.raises(TypeError, match=message):
+            Database(**given)
+    finally:
+        engine.dispose()
+
+
+def test_session_factory_without_an_engine_is_a_type_error() -> None:
+    """A sessionmaker with no bind has nowhere to connect; say how to build it."""
+    with pytest.raises(TypeError, match=r"no engine bound.*sessionmaker\(engine\)"):
+        Database(session_factory=sessionmaker())
+
+
+def test_password_never_appears_in_repr_or_url() -> None:
+    """Reprs and URLs end up in logs and error pages; the password must not."""
+    db = Database(PG_URL)
+    assert SECRET not in repr(db)
+    assert SECRET not in db.url
+    assert "***" in db.url
+    db.dispose()
+
+
+def test_password_never_appears_in_repr_of_a_lazy_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The repr of an unconfigured database reads DATABASE_URL; it must hide that password."""
+    monkeypatch.setenv("DATABASE_URL", PG_URL)
+    assert SECRET not in repr(Database())
+
+
+# -- disposal -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", backend_params(backends=["sqlite"]), indirect=True)
+async def test_dispose_closes_the_engine_the_database_created(
+    make_db: DatabaseFactory,
+) -> None:
+    """Shutdown must close the pooled connections of the engine sessionscope built."""
+    db = make_db()
+    if db.is_async:
+        async with db.begin() as session:
+            assert isinstance(session, AsyncSession)
+            await session.execute(sa.select(Item))
+    else:
+        with cast(Any, db).begin() as sync_session:
+            sync_session.execute(sa.select(Item))
+    assert db.sync_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    if db.is_async:
+        with pytest.raises(TypeError, match="dispose_async"):
+            db.dispose()
+        await db.dispose_async()
+    else:
+        db.dispose()
+    assert db.sync_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", backend_params(backends=["sqlite"]), indirect=True)
+async def test_dispose_leaves_an_engine_you_passed_alone(backend: Backend) -> None:
+    """An engine you created may serve other code; only you may dispose it."""
+    if backend.is_async:
+        async_engine = create_async_engine(backend.url)
+        db: Database[Any] = Database(engine=async_engine)
+        async with db.begin() as async_session:
+            assert isinstance(async_session, AsyncSession)
+            await async_session.execute(sa.select(Item))
+        await db.dispose_async()
+        assert async_engine.sync_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        await async_engine.dispose()
+        return
+    engine = sa.create_engine(backend.url)
+    db = Database(engine=engine)
+    with db.begin() as session:
+        session.execute(sa.select(Item))
+    db.dispose()
+    await db.dispose_async()
+    assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    engine.dispose()
