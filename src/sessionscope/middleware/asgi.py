@@ -1,10 +1,282 @@
-"""Placeholder."""
+"""``SessionMiddleware``: a unit of work per ASGI request, settled when the response starts."""
 
-from typing import Any
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._threads import run_blocking
+from .._types import ASGIApp, Message, Receive, Scope, Send
+from .._unit import Binding, Unit, default_commit_on
+
+if TYPE_CHECKING:
+    from .._core import Database
 
 __all__ = ["SessionMiddleware"]
 
+logger = logging.getLogger("sessionscope")
+
+_FAILURE_BODY = b"Internal Server Error"
+_FAILURE_START: Message = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_FAILURE_BODY)).encode()),
+    ],
+}
+
+# Where a response is: nothing sent yet; start held back until the first body message;
+# streaming (start forwarded); done (the final body forwarded); replaced (our 500 was sent
+# instead of the app's response).
+_BEFORE, _HELD, _STREAMING, _DONE, _REPLACED = range(5)
+
 
 class SessionMiddleware:
-    def __init__(self, app: Any, db: Any = None, **options: Any) -> None:
-        raise NotImplementedError
+    """Give every HTTP request a unit of work, and settle it before the response starts.
+
+    Inside a request ``db.session`` is the request's session, created on first use (a
+    request that never touches it costs no session and no connection). When the app sends
+    ``http.response.start``, the middleware holds the message back until the first body
+    message, then commits if ``commit_on(status)`` is true (default: below 400) and nothing
+    vetoed it, otherwise rolls back; only then does the status reach the server. If the
+    commit fails the client gets a 500 (or what ``on_commit_error`` returns) instead of the
+    app's response, and the app's later messages are dropped.
+
+    Streaming bodies: the session stays usable while the body streams; writes made during
+    the stream are committed (or rolled back, by the same status decision) before the final
+    chunk is forwarded. If that commit fails the final chunk is withheld and the error is
+    raised, so the client sees an incomplete response, never a complete one. A client that
+    disconnects mid-stream gets everything after the start rolled back.
+
+    Work after the response (Starlette ``BackgroundTasks``) runs once the request's session
+    is removed and its connection returned; ``db.session`` there is a fresh unit, committed
+    when the app returns and rolled back if it raises.
+
+    ``websocket`` connections get a unit for their lifetime that is never committed for
+    you (commit explicitly); it is rolled back and removed when the socket closes.
+    ``lifespan`` passes through; at shutdown the engines the ``Database`` created are
+    disposed.
+
+    :param app: the ASGI app to wrap.
+    :param db: the ``Database``; default ``sessionscope.db`` (``DATABASE_URL`` or the
+        embedded SQLite file).
+    :param commit_on: decides from the final status whether to commit.
+    :param on_commit_error: called with the commit error; returns an ASGI app (a Starlette
+        ``Response`` is one) that sends the replacement response. Default: plain 500.
+    :param dispose_on_shutdown: dispose the engines the ``Database`` created at lifespan
+        shutdown.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        db: Database[Any] | None = None,
+        *,
+        commit_on: Callable[[int], bool] = default_commit_on,
+        on_commit_error: Callable[[BaseException], ASGIApp | None] | None = None,
+        dispose_on_shutdown: bool = True,
+    ) -> None:
+        if db is None:
+            from .. import db as default_db
+
+            db = default_db
+        self.app = app
+        self.db = db
+        self.commit_on = commit_on
+        self.on_commit_error = on_commit_error
+        self.dispose_on_shutdown = dispose_on_shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan" and self.dispose_on_shutdown:
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        db = self.db
+        self._refuse_nesting()
+        unit = db._open_unit()
+        binding = Binding(unit, owner=self)
+        token = db._bind(binding)
+        state = _BEFORE
+        held: Message | None = None
+        commit = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal state, held, commit
+            if state == _DONE:
+                await send(message)
+                return
+            if state == _REPLACED:
+                return  # our 500 replaced the app's response: drop the rest of it
+            kind = message["type"]
+            if state == _BEFORE:
+                if kind != "http.response.start":
+                    await send(message)
+                    return
+                held = message
+                commit = self.commit_on(message["status"])
+                state = _HELD
+                return
+            if state == _HELD:
+                assert held is not None
+                final = kind == "http.response.pathsend" or (
+                    kind == "http.response.body" and not message.get("more_body", False)
+                )
+                if final:
+                    error = await self._finish(unit, commit)
+                else:
+                    error = await self._settle(unit, commit)
+                if error is not None:
+                    state = _REPLACED
+                    await self._remove(unit)
+                    await self._send_failure(error, scope, receive, send)
+                    binding.unit = db._open_unit()
+                    return
+                await send(held)
+                held = None
+                await send(message)
+                if final:
+                    state = _DONE
+                    binding.unit = db._open_unit()
+                else:
+                    state = _STREAMING
+                return
+            # Streaming: commit what the stream wrote before its final chunk leaves.
+            if kind == "http.response.body" and not message.get("more_body", False):
+                error = await self._finish(unit, commit)
+                state = _DONE
+                binding.unit = db._open_unit()
+                if error is not None:
+                    # Too late for a 500: withhold the last chunk so the response is visibly
+                    # incomplete, and let the server abort the connection.
+                    raise error
+            await send(message)
+
+        failed = False
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if not failed and state == _HELD and held is not None:
+                # The app returned after a start with no body: let the server see what the
+                # app sent, but commit nothing of such a response.
+                commit = False
+                await send(held)
+            with anyio.CancelScope(shield=True):
+                await self._end(unit, binding, later_commit=not failed)
+            db._unbind(token)
+
+    async def _end(self, unit: Unit, binding: Binding, *, later_commit: bool) -> None:
+        """End whatever is still open: the request's unit, then the after-response unit."""
+        try:
+            if not unit.closed:
+                # The response never completed (an error, a disconnect, a cancellation):
+                # nothing of it is committed.
+                await self._finish(unit, commit=False)
+        finally:
+            later = binding.unit
+            binding.unit = None
+            if later is not None and later is not unit:
+                await self._finish(later, later_commit)
+
+    def _refuse_nesting(self) -> None:
+        outer = self.db._binding.get()
+        if (
+            outer is not None
+            and isinstance(outer.owner, SessionMiddleware)
+            and outer.unit is not None
+            and not outer.unit.closed
+        ):
+            raise RuntimeError(
+                f"A 'SessionMiddleware' for {self.db!r} is already handling this request:"
+                " the middleware is installed twice for one database. Keep one (for"
+                " Starlette, 'app.add_middleware(SessionMiddleware, db=db)' once)."
+            )
+
+    async def _send_failure(
+        self, error: BaseException, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if self.on_commit_error is not None:
+            try:
+                replacement = self.on_commit_error(error)
+            except Exception:
+                logger.exception("The 'on_commit_error' hook raised; sending a plain 500")
+                replacement = None
+            if replacement is not None:
+                await replacement(scope, receive, send)
+                return
+        await send(_FAILURE_START)
+        await send({"type": "http.response.body", "body": _FAILURE_BODY})
+
+    # -- ending units, on the loop or in a thread ---------------------------------------
+
+    async def _settle(self, unit: Unit, commit: bool) -> BaseException | None:
+        """Commit or roll back what the unit holds, keeping its session for the stream."""
+        db = self.db
+        if not db.in_transaction(unit):
+            return None
+        if db.is_async:
+            return await db._settle_async(unit, commit)
+        return await run_blocking(db._settle_sync, unit, commit)
+
+    async def _finish(self, unit: Unit, commit: bool) -> BaseException | None:
+        """Commit or roll back, then remove the unit's session: exactly once."""
+        db = self.db
+        if not db.in_transaction(unit):
+            # Nothing to commit and nothing on the wire: closing is pure bookkeeping.
+            await self._remove(unit)
+            return None
+        if db.is_async:
+            return await db._finish_async(unit, commit)
+        return await run_blocking(db._finish_sync, unit, commit)
+
+    async def _remove(self, unit: Unit) -> None:
+        db = self.db
+        if db.is_async:
+            await db._remove_async(unit)
+        elif db.in_transaction(unit):
+            await run_blocking(db._remove_sync, unit)
+        else:
+            db._remove_sync(unit)
+
+    # -- other scopes -------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        db = self.db
+        self._refuse_nesting()
+        unit = db._open_unit()
+        binding = Binding(unit, owner=self)
+        token = db._bind(binding)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            binding.unit = None
+            with anyio.CancelScope(shield=True):
+                # Never committed for the app: a socket has no status to decide by.
+                await self._finish(unit, commit=False)
+            db._unbind(token)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                try:
+                    await self.db.dispose_async()
+                except Exception:
+                    logger.exception("Disposing %r at shutdown failed", self.db)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
