@@ -1,10 +1,301 @@
-"""Placeholder until the WSGI middleware lands."""
+"""``WSGISessionMiddleware``: a unit of work per WSGI request, on PEP 3333 alone."""
 
-from typing import Any
+from __future__ import annotations
 
-__all__ = ["WSGISessionMiddleware"]
+import contextvars
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+from .._unit import Binding, default_commit_on
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+
+    from .._core import Database
+
+__all__ = ["WSGISessionMiddleware", "internal_server_error"]
+
+logger = logging.getLogger("sessionscope")
+
+Write = Callable[[bytes], object]
+
+# Set to True in the environ by an app (the Flask adapter does) whose response body is
+# already built, so that the unit ends when the app returns rather than in close().
+BODY_BUILT = "sessionscope.body_built"
+
+
+def internal_server_error(error: BaseException) -> WSGIApplication:
+    """The default ``on_commit_error``: a plain-text 500 that tells the client nothing more.
+
+    :param error: the exception the commit raised (already logged with its traceback).
+    """
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = b"Internal Server Error"
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "21")]
+        start_response("500 Internal Server Error", headers)
+        return [body]
+
+    return app
 
 
 class WSGISessionMiddleware:
-    def __init__(self, app: Any, db: Any = None, **options: Any) -> None:
-        raise NotImplementedError
+    """Give each WSGI request a unit of work: committed or rolled back by its status.
+
+    The commit runs when the response is about to leave: after the app has called
+    ``start_response`` and before the status reaches the server (before the first body chunk
+    or ``write()``, also for generator apps that call ``start_response`` on first
+    iteration). The app's status is held back until then, so the server only ever sees the
+    final one: if the commit fails, the response is a 500 (or what ``on_commit_error``
+    returns) instead, and the app's own status and body never leave the process.
+
+    Writes made while the body streams are committed again once the body is exhausted, still
+    before the iterable ends, and rolled back if the server closes it early (client gone). A
+    commit that fails at that point cannot change a status already sent: the iteration raises
+    so that the server aborts the response rather than let it look complete.
+
+    The session is removed exactly once: after the last chunk, in the response iterable's
+    ``close()``, or at once if the app raises before returning an iterable.
+
+    :param app: the WSGI application.
+    :param db: the ``Database``; ``None`` uses ``sessionscope.db``.
+    :param commit_on: decides from the final status code whether to commit
+        (default: below 400).
+    :param on_commit_error: maps a failed commit to the WSGI app that produces the
+        replacement response (a Werkzeug ``Response`` works); default: a plain-text 500.
+
+    ```python
+    app = WSGISessionMiddleware(app, db)
+    ```
+    """
+
+    # Marks a binding as a request opened by an adapter, to catch one installed twice.
+    _opens_requests = True
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        db: Database[Any] | None = None,
+        *,
+        commit_on: Callable[[int], bool] = default_commit_on,
+        on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
+    ) -> None:
+        if db is None:
+            # Imported here: the package imports this module while it builds 'db'.
+            from .. import db as default_db
+
+            db = default_db
+        self.app = app
+        self.db = db
+        self.commit_on = commit_on
+        self.on_commit_error = on_commit_error or internal_server_error
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Run the app inside a new unit of work; return an iterable that ends the unit."""
+        outer = self.db._binding.get()
+        if (
+            outer is not None
+            and getattr(outer.owner, "_opens_requests", False)
+            and outer.unit is not None
+            and not outer.unit.closed
+        ):
+            raise RuntimeError(
+                f"'WSGISessionMiddleware' is installed twice for {self.db!r}: an outer one"
+                " already opened this request's unit of work. Install it once per database;"
+                " 'db.init_app(app)' already installs it for a Flask app."
+            )
+        response = _Response(self, environ, start_response)
+        try:
+            response._context.run(response._start, self.app)
+        except BaseException:
+            try:
+                response.close()
+            except Exception:
+                logger.warning("Closing the response of an app that raised failed", exc_info=True)
+            raise
+        return response
+
+
+class _Response:
+    """The iterable the server gets: commits before the first chunk, removes in close()."""
+
+    def __init__(
+        self, middleware: WSGISessionMiddleware, environ: WSGIEnvironment, start: StartResponse
+    ) -> None:
+        self._db = db = middleware.db
+        self._commit_on = middleware.commit_on
+        self._on_commit_error = middleware.on_commit_error
+        self._environ = environ
+        self._server_start = start
+        self._status: str | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._code: int | None = None
+        self._write: Write | None = None
+        self._settled = False
+        self._replaced = False
+        self._closed = False
+        self._iterable: Iterable[bytes] = ()
+        self._replacement: Iterable[bytes] = ()
+        self._iterator: Iterator[bytes] = iter(())
+        self._unit = db._open_unit()
+        self._binding = Binding(self._unit, owner=middleware)
+        # The binding lives in a context of our own, entered for the call, every chunk and
+        # close(): the body streams after __call__ returns, and the server's thread context
+        # must not keep it once the request is over.
+        self._context = contextvars.copy_context()
+        self._context.run(db._bind, self._binding)
+
+    def _start(self, app: WSGIApplication) -> None:
+        self._iterable = iterable = app(self._environ, self._start_response)
+        if self._replaced:
+            # A 'write()' already met a failed commit: the replacement is what gets sent.
+            return
+        self._iterator = iter(iterable)
+        if self._status is None:
+            return
+        if not self._settled:
+            self._settle()
+        if not self._replaced and (
+            isinstance(iterable, list | tuple) or self._environ.get(BODY_BUILT)
+        ):
+            # No app code runs while a built body is sent, so nothing needs the session
+            # any more; ending the unit now also spares it from a test client that never
+            # calls close().
+            self._remove()
+
+    # -- what the app calls --------------------------------------------------------------
+
+    def _start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
+    ) -> Write:
+        if self._replaced:
+            return _discard
+        self._code = _status_code(status)
+        if self._settled:
+            # The decision is made, so this goes straight on; after the status was sent only
+            # an error call with 'exc_info' is allowed, and the server enforces that.
+            self._write = self._server_start(status, headers, exc_info)
+            return self._write_body
+        if self._status is not None and exc_info is None:
+            raise RuntimeError(
+                "The app called 'start_response' a second time without 'exc_info'."
+                " PEP 3333 allows a second call only from an error handler, with 'exc_info'."
+            )
+        self._status, self._headers = status, headers
+        return self._write_body
+
+    def _write_body(self, data: bytes) -> None:
+        if not self._settled:
+            self._settle()
+        if self._replaced:
+            return
+        if self._write is None:
+            raise RuntimeError("The app called 'write()' before 'start_response'.")
+        self._write(data)
+
+    # -- the commit point ----------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Commit or roll back, then pass the final status on (the 500 if the commit failed)."""
+        self._settled = True
+        commit = self._code is not None and self._commit_on(self._code)
+        error = self._db._settle_sync(self._unit, commit)
+        if error is not None:
+            self._replace(error)
+        elif self._status is not None:
+            self._write = self._server_start(self._status, self._headers)
+        self._headers = []
+
+    def _replace(self, error: BaseException) -> None:
+        self._remove()
+        self._replaced = True
+        # The server has not seen the app's status yet, so the replacement is the first and
+        # only status it gets: no 'exc_info' replacement, which servers honour unevenly
+        # (Werkzeug's test client raises it, gunicorn keeps the first call's headers).
+        try:
+            self._replacement = self._on_commit_error(error)(self._environ, self._server_start)
+            self._iterator = iter(self._replacement)
+        except Exception:
+            logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
+            self._replacement = internal_server_error(error)(self._environ, self._server_start)
+            self._iterator = iter(self._replacement)
+
+    # -- what the server calls -----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return self._context.run(self._next)
+
+    def _next(self) -> bytes:
+        if self._replaced:
+            return next(self._iterator)
+        try:
+            chunk = next(self._iterator)
+        except StopIteration:
+            self._end()
+            if self._replaced:
+                return next(self._iterator)
+            raise
+        except BaseException:
+            self._remove()
+            raise
+        if not self._settled:
+            self._settle()
+            if self._replaced:
+                return next(self._iterator)
+        return chunk
+
+    def _end(self) -> None:
+        """The body is exhausted: settle what the stream wrote, before the iterable ends."""
+        try:
+            if not self._settled:
+                self._settle()
+                return
+            commit = self._code is not None and self._commit_on(self._code)
+            error = self._db._settle_sync(self._unit, commit)
+            if error is not None:
+                raise RuntimeError(
+                    "Committing what the app wrote while the body streamed failed after the"
+                    " status was sent; the response is aborted so that the client cannot"
+                    " take it as complete."
+                ) from error
+        finally:
+            self._remove()
+
+    def close(self) -> None:
+        """Close the app's iterable, then remove the unit (rolled back if it is still open)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _close(self._context, self._iterable)
+        finally:
+            try:
+                _close(self._context, self._replacement)
+            finally:
+                self._remove()
+
+    def _remove(self) -> None:
+        self._db._remove_sync(self._unit)
+        self._binding.unit = None
+
+
+def _close(context: contextvars.Context, iterable: Iterable[bytes]) -> None:
+    close = getattr(iterable, "close", None)
+    if close is not None:
+        context.run(close)
+
+
+def _discard(data: bytes) -> None:
+    return None
+
+
+def _status_code(status: str) -> int | None:
+    try:
+        return int(status.split(None, 1)[0])
+    except (ValueError, IndexError):
+        return None
