@@ -1,0 +1,196 @@
+"""What every benchmark app shares: the table, the JSON shapes and the managed endpoints.
+
+Every variant answers the same four endpoints with byte-identical JSON:
+
+- ``GET /noop``: ``{"ok": true}``; never touches the database.
+- ``GET /items/{id}``: one primary-key ORM read, ``{"id": 1, "name": "item-1"}``.
+- ``POST /items`` with ``{"name": "..."}``: one insert, committed, ``201 {"id": .., "name": ..}``.
+- ``GET /fail``: inserts a row named ``FAIL_NAME``, flushes it, then raises: the row must be
+  rolled back (Starlette answers ``500 Internal Server Error``).
+
+plus ``GET /_stats``, the harness's window into the pool (``checkedout``) and, where the
+variant has them, its registry (``live_sessions``) and open units (``live_units``).
+
+This module imports only Starlette and SQLAlchemy, so that it loads in the peers' own
+virtual environment as well as in the project's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import String, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import Pool
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = [
+    "FAIL_NAME",
+    "NOOP_BODY",
+    "SEED_ROWS",
+    "AppFactory",
+    "BenchFailure",
+    "EmptyMiddleware",
+    "Item",
+    "StatsFn",
+    "managed_routes",
+    "use_sqlite_pragmas",
+]
+
+SEED_ROWS = 10_000
+"""Rows seeded before a run; ids above this were written by a run."""
+FAIL_NAME = "fail"
+"""The name ``GET /fail`` writes; no row may ever keep it."""
+NOOP_BODY = {"ok": True}
+
+StatsFn = Callable[[Request], dict[str, Any]]
+"""Reads the variant's pool (and registry) for ``GET /_stats``."""
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the benchmark tables."""
+
+
+class Item(Base):
+    """The one benchmark table: an integer primary key and a short name."""
+
+    __tablename__ = "bench_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+
+
+class BenchFailure(RuntimeError):
+    """Raised by ``GET /fail`` after its write, so that the write must be rolled back."""
+
+
+class EmptyMiddleware:
+    """A pure-ASGI middleware that does nothing: the cost of any middleware layer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def item_json(item: Item) -> dict[str, Any]:
+    """The JSON shape of one item."""
+    return {"id": item.id, "name": item.name}
+
+
+def not_found() -> JSONResponse:
+    """The answer for an id that does not exist."""
+    return JSONResponse({"detail": "not found"}, status_code=404)
+
+
+async def noop(request: Request) -> JSONResponse:
+    """``GET /noop``: no database at all."""
+    return JSONResponse(NOOP_BODY)
+
+
+def stats_route(stats: StatsFn) -> Route:
+    """``GET /_stats`` for the harness's leak checks."""
+
+    async def endpoint(request: Request) -> JSONResponse:
+        return JSONResponse(stats(request))
+
+    return Route("/_stats", endpoint)
+
+
+def managed_routes(get_session: Callable[[Request], Any], mode: str, stats: StatsFn) -> list[Route]:
+    """The four endpoints, written against a session that a middleware manages.
+
+    ``get_session(request)`` returns the request's session (or a proxy to it): whatever the
+    library under test documents. Sync mode runs the database work in Starlette's threadpool
+    (``def`` endpoints, and ``run_in_threadpool`` after reading a JSON body), the way a sync
+    ``Session`` is used under ASGI; async mode awaits an ``AsyncSession``.
+    """
+    if mode == "sync":
+        return [*_sync_routes(get_session), stats_route(stats)]
+    return [*_async_routes(get_session), stats_route(stats)]
+
+
+def _sync_routes(get_session: Callable[[Request], Session]) -> list[Route]:
+    def read(request: Request) -> JSONResponse:
+        item = get_session(request).get(Item, int(request.path_params["item_id"]))
+        return not_found() if item is None else JSONResponse(item_json(item))
+
+    def insert(request: Request, name: str) -> JSONResponse:
+        session = get_session(request)
+        item = Item(name=name)
+        session.add(item)
+        session.flush()
+        return JSONResponse(item_json(item), status_code=201)
+
+    async def create(request: Request) -> JSONResponse:
+        name = (await request.json())["name"]
+        return await run_in_threadpool(insert, request, name)
+
+    def fail(request: Request) -> JSONResponse:
+        session = get_session(request)
+        session.add(Item(name=FAIL_NAME))
+        session.flush()
+        raise BenchFailure("GET /fail raises after writing, so its write must roll back.")
+
+    return [
+        Route("/noop", noop),
+        Route("/items/{item_id:int}", read),
+        Route("/items", create, methods=["POST"]),
+        Route("/fail", fail),
+    ]
+
+
+def _async_routes(get_session: Callable[[Request], Any]) -> list[Route]:
+    async def read(request: Request) -> JSONResponse:
+        item = await get_session(request).get(Item, int(request.path_params["item_id"]))
+        return not_found() if item is None else JSONResponse(item_json(item))
+
+    async def create(request: Request) -> JSONResponse:
+        name = (await request.json())["name"]
+        session = get_session(request)
+        item = Item(name=name)
+        session.add(item)
+        await session.flush()
+        return JSONResponse(item_json(item), status_code=201)
+
+    async def fail(request: Request) -> JSONResponse:
+        session = get_session(request)
+        session.add(Item(name=FAIL_NAME))
+        await session.flush()
+        raise BenchFailure("GET /fail raises after writing, so its write must roll back.")
+
+    return [
+        Route("/noop", noop),
+        Route("/items/{item_id:int}", read),
+        Route("/items", create, methods=["POST"]),
+        Route("/fail", fail),
+    ]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def use_sqlite_pragmas(url: str) -> None:
+    """Give every SQLite connection of this process WAL and ``synchronous=NORMAL``.
+
+    Listening on the ``Pool`` class reaches the engines a peer creates itself too, so that
+    every variant runs on identically configured SQLite connections.
+    """
+    if url.startswith("sqlite") and not event.contains(Pool, "connect", _sqlite_pragmas):
+        event.listen(Pool, "connect", _sqlite_pragmas)
+
+
+AppFactory = Callable[[str, str], ASGIApp]
+"""``build(url, mode)``: what every variant module exposes."""

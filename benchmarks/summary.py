@@ -1,0 +1,165 @@
+"""Medians, same-run ratios to the baseline, and the verdict on each target of issue #5."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any
+
+__all__ = ["summarise", "targets"]
+
+METRICS = {"rps": "rps", "p50_ms": "p50", "p99_ms": "p99", "cpu_us_per_request": "cpu"}
+
+
+def _errors(run: dict[str, Any]) -> int:
+    wrk = run["wrk"]
+    socket = sum(v for k, v in wrk["errors"].items() if k != "status")
+    return int(socket + wrk["status"]["4xx"] + wrk["status"]["5xx"] + wrk["status"]["other"])
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per backend, connections, workload and variant, in the order first run."""
+    by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_key[(run["backend"], run["connections"], run["workload"], run["variant"])].append(run)
+    rows = []
+    for (backend, connections, workload, variant), group in by_key.items():
+        base_runs = {
+            r["repeat"]: r
+            for r in by_key.get(
+                (backend, connections, workload, f"baseline-{group[0]['mode']}"), []
+            )
+        }
+        row: dict[str, Any] = {
+            "backend": backend,
+            "connections": connections,
+            "workload": workload,
+            "variant": variant,
+            "mode": group[0]["mode"],
+            "rounds": len(group),
+        }
+        for field, short in METRICS.items():
+            row[field if short in ("p50", "p99") else short] = statistics.median(
+                r[field] for r in group
+            )
+            ratios = [
+                r[field] / base_runs[r["repeat"]][field]
+                for r in group
+                if r["repeat"] in base_runs and base_runs[r["repeat"]][field]
+            ]
+            row[f"{short}_ratio"] = statistics.median(ratios) if ratios else None
+        row["cpu_us"] = row.pop("cpu")
+        row["errors"] = sum(_errors(r) for r in group)
+        row["problems"] = [p for r in group for p in r["check"]["problems"]]
+        rows.append(row)
+    rows.sort(
+        key=lambda r: (
+            r["backend"],
+            r["connections"],
+            r["workload"],
+            not r["variant"].startswith("baseline"),
+            r["mode"],
+            r["variant"],
+        )
+    )
+    return rows
+
+
+def _verdict(target: str, passed: bool | None, detail: str) -> dict[str, str]:
+    result = "not measured" if passed is None else ("PASS" if passed else "**FAIL**")
+    return {"target": target, "result": result, "detail": detail}
+
+
+def targets(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, str]]:
+    """Check the targets of issue #5 against the summary rows."""
+    ours = [r for r in rows if r["variant"].startswith("sessionscope")]
+    out = []
+    for workloads, floor, what in (
+        (("noop",), 0.97, "/noop >= 0.97x bare app"),
+        (("read", "write"), 0.95, "/items/{id} and POST /items >= 0.95x baseline"),
+    ):
+        chosen = [r for r in ours if r["workload"] in workloads and r["rps_ratio"] is not None]
+        worst = min(chosen, key=lambda r: r["rps_ratio"], default=None)
+        out.append(
+            _verdict(
+                what,
+                None if worst is None else worst["rps_ratio"] >= floor,
+                "no run"
+                if worst is None
+                else f"worst {worst['rps_ratio']:.3f}x ({worst['variant']},"
+                f" {worst['workload']}, {worst['backend']} c={worst['connections']})",
+            )
+        )
+    behind = []
+    compared = 0
+    for row in ours:
+        for peer in rows:
+            if (peer["backend"], peer["connections"], peer["workload"], peer["mode"]) != (
+                row["backend"],
+                row["connections"],
+                row["workload"],
+                row["mode"],
+            ) or peer["variant"].split("-")[0] in ("baseline", "empty", "sessionscope"):
+                continue
+            compared += 1
+            if peer["rps"] >= row["rps"]:
+                behind.append(
+                    f"{peer['variant']} {peer['rps']:.0f} >= {row['rps']:.0f} req/s"
+                    f" ({row['workload']}, {row['backend']} c={row['connections']})"
+                )
+    out.append(
+        _verdict(
+            "ahead of every peer (req/s, same mode and workload)",
+            None if not compared else not behind,
+            f"{compared} comparisons" + ("; behind: " + "; ".join(behind[:6]) if behind else ""),
+        )
+    )
+    flagged = sorted(
+        {
+            f"{r['variant']} ({r['workload']}, {r['backend']} c={r['connections']})"
+            for r in rows
+            if r["problems"]
+        }
+    )
+    ours_flagged = [f for f in flagged if f.startswith("sessionscope")]
+    out.append(
+        _verdict(
+            "zero leaks / lost rows (sessionscope)",
+            not ours_flagged,
+            "; ".join(ours_flagged) or "every run clean",
+        )
+    )
+    out.append(
+        _verdict(
+            "peers flagged by the checks (information)",
+            None,
+            "; ".join(f for f in flagged if not f.startswith("sessionscope")) or "none",
+        )
+    )
+    soaks = [s for s in data.get("soak", []) if s.get("variant", "").startswith("sessionscope")]
+    out.append(
+        _verdict(
+            "RSS growth < 5 MB over the soak",
+            None if not soaks else all("growth_mb" in s and s["growth_mb"] < 5 for s in soaks),
+            "; ".join(
+                f"{s['variant']} {s.get('growth_mb', float('nan')):+.1f} MB over"
+                f" {s.get('requests', 0):,} requests"
+                for s in soaks
+            )
+            or "not in this run",
+        )
+    )
+    wide = [r for r in ours if r["connections"] >= 256]
+    out.append(
+        _verdict(
+            "256 connections: no errors (pool timeouts would show as 5xx)",
+            None if not wide else all(r["errors"] == 0 for r in wide),
+            "; ".join(
+                f"{r['variant']} {r['workload']} {r['backend']}: {r['errors']} errors"
+                for r in wide
+                if r["errors"]
+            )
+            or ("no errors" if wide else "not in this run"),
+        )
+    )
+    return out
