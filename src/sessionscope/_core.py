@@ -289,11 +289,7 @@ class Database(Generic[SessionT]):
     # -- units of work ------------------------------------------------------------------
 
     def _scopefunc(self) -> int:
-        binding = self._binding.get()
-        unit = binding.unit if binding is not None else None
-        if unit is None or unit.closed:
-            self._raise_no_unit(binding)
-        return unit.key
+        return self._current().key
 
     def _raise_no_unit(self, binding: Binding | None) -> NoReturn:
         if binding is not None:
@@ -328,10 +324,23 @@ class Database(Generic[SessionT]):
 
     def _current(self) -> Unit:
         binding = self._binding.get()
-        unit = binding.unit if binding is not None else None
-        if unit is None or unit.closed:
-            self._raise_no_unit(binding)
-        return unit
+        if binding is not None:
+            unit = binding.unit
+            if unit is not None and not unit.closed:
+                return unit
+            if unit is None and binding.renewable:
+                return self._renew(binding)
+        self._raise_no_unit(binding)
+
+    def _renew(self, binding: Binding) -> Unit:
+        """Open the fresh unit a renewable binding hands out on first use."""
+        with self._setup_lock:
+            unit = binding.unit
+            if unit is None and binding.renewable:
+                unit = binding.unit = self._open_unit()
+            if unit is None or unit.closed:
+                self._raise_no_unit(binding)
+            return unit
 
     def _session_of(self, unit: Unit) -> Session | AsyncSession | None:
         registry = self._registry
@@ -376,7 +385,11 @@ class Database(Generic[SessionT]):
         a rollback drops them. One that raises is logged and changes neither the response
         nor the next unit. With an async database a callback may be a coroutine function.
         """
-        self._current().callbacks.append(callback)
+        unit = self._current()
+        if unit.callbacks is None:
+            unit.callbacks = [callback]
+        else:
+            unit.callbacks.append(callback)
 
     def set_rollback_only(self) -> None:
         """Mark the current unit so that it rolls back whatever the response status.
@@ -433,7 +446,7 @@ class Database(Generic[SessionT]):
                 run_callbacks_sync(unit)
             return error
         rollback_session(session)
-        unit.callbacks.clear()
+        unit.callbacks = None
         logger.debug("Unit %s rolled back", unit.key)
         return None
 
@@ -466,7 +479,7 @@ class Database(Generic[SessionT]):
                 await run_callbacks_async(unit)
             return error
         await session.run_sync(rollback_session)
-        unit.callbacks.clear()
+        unit.callbacks = None
         logger.debug("Unit %s rolled back", unit.key)
         return None
 

@@ -40,7 +40,7 @@ class Unit:
         self.key = next(_tokens)
         self.rollback_only = False
         self.closed = False
-        self.callbacks: list[Callable[[], object]] = []
+        self.callbacks: list[Callable[[], object]] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -56,11 +56,14 @@ class Binding:
     request is over) without setting the ``ContextVar`` again in a context it does not own.
     """
 
-    __slots__ = ("owner", "unit")
+    __slots__ = ("owner", "renewable", "unit")
 
     def __init__(self, unit: Unit | None, owner: object) -> None:
         self.unit = unit
         self.owner = owner
+        # When true and ``unit`` is None, the next use of ``db.session`` opens a fresh unit
+        # (work after the response); nothing is created for requests that never need one.
+        self.renewable = False
 
 
 def transaction_committed(root: SessionTransaction | None) -> bool:
@@ -180,7 +183,7 @@ async def close_async_session(session: AsyncSession) -> None:
 
 def run_callbacks_sync(unit: Unit) -> None:
     """Run the unit's after-commit callbacks in order; one that raises is logged only."""
-    callbacks, unit.callbacks = unit.callbacks, []
+    callbacks, unit.callbacks = unit.callbacks or (), None
     for callback in callbacks:
         try:
             result = callback()
@@ -199,7 +202,7 @@ def run_callbacks_sync(unit: Unit) -> None:
 
 async def run_callbacks_async(unit: Unit) -> None:
     """Run the unit's after-commit callbacks in order, awaiting those that are coroutines."""
-    callbacks, unit.callbacks = unit.callbacks, []
+    callbacks, unit.callbacks = unit.callbacks or (), None
     for callback in callbacks:
         try:
             result = callback()

@@ -113,6 +113,12 @@ class SessionMiddleware:
         held: Message | None = None
         commit = False
 
+        def response_done() -> None:
+            # From here on db.session is a fresh unit, opened only if something (a
+            # background task) asks for it.
+            binding.unit = None
+            binding.renewable = True
+
         async def send_wrapper(message: Message) -> None:
             nonlocal state, held, commit
             if state == _DONE:
@@ -135,29 +141,36 @@ class SessionMiddleware:
                     kind == "http.response.body" and not message.get("more_body", False)
                 )
                 if final:
+                    if db._session_of(unit) is None:
+                        db._take_session(unit)  # the request never used the session
+                        await send(held)
+                        state = _DONE
+                        response_done()
+                        await send(message)
+                        return
                     error = await self._finish(unit, commit)
                 else:
                     error = await self._settle(unit, commit)
                 if error is not None:
                     state = _REPLACED
-                    await self._remove(unit)
+                    await self._finish(unit, commit=False)
+                    response_done()
                     await self._send_failure(error, scope, receive, send)
-                    binding.unit = db._open_unit()
                     return
                 await send(held)
                 held = None
-                await send(message)
                 if final:
                     state = _DONE
-                    binding.unit = db._open_unit()
+                    response_done()
                 else:
                     state = _STREAMING
+                await send(message)
                 return
             # Streaming: commit what the stream wrote before its final chunk leaves.
             if kind == "http.response.body" and not message.get("more_body", False):
                 error = await self._finish(unit, commit)
                 state = _DONE
-                binding.unit = db._open_unit()
+                response_done()
                 if error is not None:
                     # Too late for a 500: withhold the last chunk so the response is visibly
                     # incomplete, and let the server abort the connection.
@@ -174,13 +187,18 @@ class SessionMiddleware:
             if not failed and state == _HELD and held is not None:
                 # The app returned after a start with no body: let the server see what the
                 # app sent, but commit nothing of such a response.
-                commit = False
                 await send(held)
-            with anyio.CancelScope(shield=True):
-                await self._end(unit, binding, later_commit=not failed)
+            later = binding.unit if binding.unit is not unit else None
+            binding.unit = None
+            binding.renewable = False
+            if not unit.closed and db._session_of(unit) is None:
+                db._take_session(unit)  # nothing was created: pure bookkeeping
+            if not unit.closed or later is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._end(unit, later, commit_later=not failed)
             db._unbind(token)
 
-    async def _end(self, unit: Unit, binding: Binding, *, later_commit: bool) -> None:
+    async def _end(self, unit: Unit, later: Unit | None, *, commit_later: bool) -> None:
         """End whatever is still open: the request's unit, then the after-response unit."""
         try:
             if not unit.closed:
@@ -188,10 +206,8 @@ class SessionMiddleware:
                 # nothing of it is committed.
                 await self._finish(unit, commit=False)
         finally:
-            later = binding.unit
-            binding.unit = None
-            if later is not None and later is not unit:
-                await self._finish(later, later_commit)
+            if later is not None:
+                await self._finish(later, commit_later)
 
     def _refuse_nesting(self) -> None:
         outer = self.db._binding.get()
@@ -236,7 +252,11 @@ class SessionMiddleware:
     async def _finish(self, unit: Unit, commit: bool) -> BaseException | None:
         """Commit or roll back, then remove the unit's session: exactly once."""
         db = self.db
-        if not db.in_transaction(unit):
+        session = db._session_of(unit)
+        if session is None:
+            db._take_session(unit)
+            return None
+        if not session.in_transaction():
             # Nothing to commit and nothing on the wire: closing is pure bookkeeping.
             await self._remove(unit)
             return None
