@@ -493,11 +493,18 @@ class Database(Generic[SessionT]):
 
     async def _remove_async(self, unit: Unit) -> None:
         session = self._take_session(unit)
-        if session is not None:
-            assert isinstance(session, AsyncSession)
-            # Shielded and run to completion: a cancelled request must still give its
-            # connection back, and never leave it to the garbage collector.
-            await run_to_completion(lambda: close_async_session(session))
+        if session is None:
+            return
+        assert isinstance(session, AsyncSession)
+        if not session.in_transaction():
+            # No transaction means no connection: closing only clears the identity map and
+            # never awaits, so there is nothing for a cancellation to interrupt, and no
+            # need for a task of its own.
+            close_session(session.sync_session)
+            return
+        # Shielded and run to completion: a cancelled request must still give its
+        # connection back, and never leave it to the garbage collector.
+        await run_to_completion(lambda: close_async_session(session))
 
     # -- engines --------------------------------------------------------------------------
 
