@@ -555,3 +555,36 @@ async def test_sync_endpoint_shares_the_request_session(
     async with client(build_app(db)) as http:
         assert (await http.post("/sync/items/threaded")).status_code == 201
     assert rows() == ["threaded"]
+
+
+@pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
+@pytest.mark.parametrize("commit_in_thread", [False, True])
+async def test_sync_sessions_end_inline_only_when_holding_a_clean_connection(
+    make_db: DatabaseFactory,
+    backend: Backend,
+    rows: Callable[[], list[str]],
+    commit_in_thread: bool,
+) -> None:
+    """A flushed session commits on the loop; an add-only one (it may wait for the pool)
+    commits in a worker thread; ``commit_in_thread`` sends both to a thread."""
+    import threading
+
+    db = make_db()
+    loop_thread = threading.get_ident()
+    committed_on: list[bool] = []
+    event.listen(
+        db.sync_engine,
+        "commit",
+        lambda connection: committed_on.append(threading.get_ident() == loop_thread),
+    )
+    app = build_app(db, commit_in_thread=commit_in_thread)
+    async with client(app) as http:
+        assert (await http.post("/items/flushed?status=201")).status_code == 201
+        assert (await http.post("/add-only/pending")).status_code == 200
+        assert (await http.post("/http-error/refused")).status_code == 409
+        assert (await http.post("/orphan")).status_code == 500
+    assert rows() == ["flushed", "pending"]
+    # flushed, pending, and the orphan's COMMIT attempt (add-only, so in a thread); MariaDB
+    # refuses the orphan at the flush, before any COMMIT.
+    expected = [not commit_in_thread, False] + ([] if backend.name == "mariadb" else [False])
+    assert committed_on == expected
