@@ -10,7 +10,7 @@ import contextvars
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -27,33 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sessionscope import Database
 
 from ._models import Item
+from ._units import Boom, Rows, add, run_unit
 from .conftest import Backend, DatabaseFactory, assert_no_leaks, backend_params
-
-T = TypeVar("T")
-
-Rows = Callable[[], list[str]]
-
-
-class Boom(Exception):
-    """An application error raised inside a unit."""
-
-
-async def run_unit(db: Database[Any], work: Callable[[Session], T]) -> T:
-    """Run ``work`` on the session of a new ``db.begin()`` unit, whatever the driver."""
-    if db.is_async:
-        async with db.begin() as session:
-            assert isinstance(session, AsyncSession)
-            return await session.run_sync(work)
-    with db.begin() as session:
-        assert isinstance(session, Session)
-        return work(session)
-
-
-def add(name: str) -> Callable[[Session], None]:
-    def work(session: Session) -> None:
-        session.add(Item(name=name))
-
-    return work
 
 
 def fail(work: Callable[[Session], object]) -> Callable[[Session], None]:

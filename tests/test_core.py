@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import pytest
@@ -25,33 +25,8 @@ from sqlalchemy.util import await_
 from sessionscope import Database
 
 from ._models import Child, Item
+from ._units import Boom, Rows, add, run_unit
 from .conftest import PG_ADMIN_URL, DatabaseFactory, backend_params
-
-T = TypeVar("T")
-
-Rows = Callable[[], list[str]]
-
-
-class Boom(Exception):
-    """An error raised by application code or a listener."""
-
-
-async def run_unit(db: Database[Any], work: Callable[[Session], T]) -> T:
-    """Run ``work`` on the session of a new ``db.begin()`` unit, whatever the driver."""
-    if db.is_async:
-        async with db.begin() as session:
-            assert isinstance(session, AsyncSession)
-            return await session.run_sync(work)
-    with db.begin() as session:
-        assert isinstance(session, Session)
-        return work(session)
-
-
-def add(name: str) -> Callable[[Session], None]:
-    def work(session: Session) -> None:
-        session.add(Item(name=name))
-
-    return work
 
 
 def engine_events(db: Database[Any], *names: str) -> list[str]:
