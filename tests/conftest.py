@@ -68,6 +68,19 @@ def _drop_server_databases() -> Iterator[None]:
         force = " WITH (FORCE)" if backend == "postgresql" else ""
         engine = sa.create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         with engine.connect() as connection:
+            if backend == "mariadb":
+                # DROP DATABASE waits for the metadata locks of any session still inside a
+                # transaction there (a server thread a failed test left behind): end them.
+                connection.execute(sa.text("SET SESSION lock_wait_timeout = 10"))
+                ids = connection.scalars(
+                    sa.text(
+                        "SELECT id FROM information_schema.processlist"
+                        " WHERE db = :name AND id <> CONNECTION_ID()"
+                    ),
+                    {"name": name},
+                ).all()
+                for thread_id in ids:
+                    connection.execute(sa.text(f"KILL {int(thread_id)}"))
             connection.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted}{force}"))
         engine.dispose()
 
