@@ -99,33 +99,23 @@ class SessionMiddleware:
         self.commit_in_thread = commit_in_thread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
-        elif kind == "lifespan" and self.dispose_on_shutdown:
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    # -- HTTP -----------------------------------------------------------------------------
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
+        # The HTTP path is the hot path: it is written out here, with few calls, because a
+        # request that never touches the session should pay close to nothing for it.
         db = self.db
-        self._refuse_nesting()
-        unit = db._open_unit()
-        binding = Binding(unit, owner=self)
-        token = db._bind(binding)
+        binding_var = db._binding
+        outer = binding_var.get()
+        if outer is not None:
+            self._refuse_nesting(outer)
+        unit = Unit()
+        db._units.add(unit)
+        binding = Binding(unit, self)
+        token = binding_var.set(binding)
         state = _BEFORE
         held: Message | None = None
         commit = False
-
-        def response_done() -> None:
-            # From here on db.session is a fresh unit, opened only if something (a
-            # background task) asks for it.
-            binding.unit = None
-            binding.renewable = True
 
         async def send_wrapper(message: Message) -> None:
             nonlocal state, held, commit
@@ -153,7 +143,10 @@ class SessionMiddleware:
                         db._take_session(unit)  # the request never used the session
                         await send(held)
                         state = _DONE
-                        response_done()
+                        # From here on db.session is a fresh unit, opened only if
+                        # something (a background task) asks for it.
+                        binding.unit = None
+                        binding.renewable = True
                         await send(message)
                         return
                     error = await self._finish(unit, commit)
@@ -162,14 +155,16 @@ class SessionMiddleware:
                 if error is not None:
                     state = _REPLACED
                     await self._finish(unit, commit=False)
-                    response_done()
+                    binding.unit = None
+                    binding.renewable = True
                     await self._send_failure(error, scope, receive, send)
                     return
                 await send(held)
                 held = None
                 if final:
                     state = _DONE
-                    response_done()
+                    binding.unit = None
+                    binding.renewable = True
                 else:
                     state = _STREAMING
                 await send(message)
@@ -178,7 +173,8 @@ class SessionMiddleware:
             if kind == "http.response.body" and not message.get("more_body", False):
                 error = await self._finish(unit, commit)
                 state = _DONE
-                response_done()
+                binding.unit = None
+                binding.renewable = True
                 if error is not None:
                     # Too late for a 500: withhold the last chunk so the response is visibly
                     # incomplete, and let the server abort the connection.
@@ -204,7 +200,19 @@ class SessionMiddleware:
             if not unit.closed or later is not None:
                 with anyio.CancelScope(shield=True):
                     await self._end(unit, later, commit_later=not failed)
-            db._unbind(token)
+            try:
+                binding_var.reset(token)
+            except ValueError:
+                db._unbind(token)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan" and self.dispose_on_shutdown:
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     async def _end(self, unit: Unit, later: Unit | None, *, commit_later: bool) -> None:
         """End whatever is still open: the request's unit, then the after-response unit."""
@@ -217,8 +225,7 @@ class SessionMiddleware:
             if later is not None:
                 await self._finish(later, commit_later)
 
-    def _refuse_nesting(self) -> None:
-        outer = self.db._binding.get()
+    def _refuse_nesting(self, outer: Binding | None) -> None:
         if (
             outer is not None
             and isinstance(outer.owner, SessionMiddleware)
@@ -308,7 +315,7 @@ class SessionMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         db = self.db
-        self._refuse_nesting()
+        self._refuse_nesting(db._binding.get())
         unit = db._open_unit()
         binding = Binding(unit, owner=self)
         token = db._bind(binding)
