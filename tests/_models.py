@@ -1,7 +1,9 @@
 """Tables the tests write to."""
 
-from sqlalchemy import ForeignKey, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from __future__ import annotations
+
+from sqlalchemy import ForeignKey, String, literal_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
@@ -30,3 +32,22 @@ class Child(Base):
     parent_id: Mapped[int] = mapped_column(
         ForeignKey("parents.id", deferrable=True, initially="DEFERRED")
     )
+
+
+class Owner(Base):
+    """An owner whose ``revision`` the database computes on UPDATE, with lazy-loaded pets."""
+
+    __tablename__ = "owners"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(100))
+    revision: Mapped[int] = mapped_column(default=1, onupdate=literal_column("revision") + 1)
+    pets: Mapped[list[Pet]] = relationship(order_by="Pet.id", lazy="select")
+
+
+class Pet(Base):
+    __tablename__ = "pets"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"))
+    name: Mapped[str] = mapped_column(String(100))
