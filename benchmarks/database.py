@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from .apps.common import FAIL_NAME, SEED_ROWS, Base, Item
+from .apps.shared import FAIL_NAME, SEED_ROWS, Base, Item
 
 __all__ = ["PG_DATABASE", "Backend", "backend"]
 

@@ -4,7 +4,8 @@ Each app is called in a loop with a hand-made ASGI scope, ``receive`` and ``send
 request at a time on one event loop (uvloop, as under the servers). Variants are timed in
 interleaved batches (A B C, B C A, ...), and each figure is the median over the rounds; the
 added cost is the median of the per-round differences with the baseline, so that drift of
-the machine cancels out. Run alone with ``python -m benchmarks.micro [--quick]``.
+the machine cancels out. It times the ASGI side only (the WSGI variants are measured under
+gunicorn by the load benchmark). Run alone with ``python -m benchmarks.micro [--quick]``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ async def _measure(apps: dict[str, Any], case: str, count: int, rounds: int) -> 
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(await _batch(apps[name], case, count, r * count))
-    base = next(name for name in names if name.startswith("baseline"))
+    base = next(name for name in names if VARIANTS[name].is_baseline)
     out: dict[str, Any] = {}
     for name in names:
         diffs = [a - b for a, b in zip(times[name], times[base], strict=True)]

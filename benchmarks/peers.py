@@ -5,7 +5,9 @@ into the project's venv. They go into ``benchmarks/.venv-peers/shared``, constra
 exact SQLAlchemy, Starlette, uvicorn and driver versions of the project's venv so that the
 comparison measures the libraries and nothing else. A peer that cannot be installed with
 those versions gets a venv of its own (``.venv-peers/<peer>``, unconstrained, versions
-reported); one that cannot be installed at all is reported as failed, never hidden.
+reported); one that cannot be installed at all is reported as failed, never hidden. The
+Flask peers run under gunicorn, so the venv also gets Flask, Werkzeug and gunicorn, pinned
+like the rest to the project's versions.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ PINNED = [
     "uvloop",
     "httptools",
     "typing-extensions",
+    "flask",
+    "werkzeug",
+    "gunicorn",
+    "blinker",
+    "itsdangerous",
+    "jinja2",
+    "markupsafe",
+    "click",
 ]
 BASE = [
     "sqlalchemy[asyncio]",
@@ -47,8 +57,21 @@ BASE = [
     "asyncpg",
     "uvloop",
     "httptools",
+    "flask",
+    "gunicorn",
 ]
-REPORTED = ["sqlalchemy", "starlette", "uvicorn", "fastapi", "asyncpg", "psycopg", "aiosqlite"]
+REPORTED = [
+    "sqlalchemy",
+    "starlette",
+    "uvicorn",
+    "fastapi",
+    "flask",
+    "werkzeug",
+    "gunicorn",
+    "asyncpg",
+    "psycopg",
+    "aiosqlite",
+]
 
 
 @dataclass

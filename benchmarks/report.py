@@ -1,7 +1,8 @@
 """Turn the raw runs into ratios, target verdicts, Markdown, JSON and a PNG chart.
 
-Every figure is set against the baseline of the same mode (same driver), measured in the
-same round of the same run: the ratio reported is the median over rounds of the per-round
+Every figure is set against the baseline of the same side and mode (same server and
+driver: bare Starlette under uvicorn, bare Flask under gunicorn), measured in the same
+round of the same run: the ratio reported is the median over rounds of the per-round
 ratios, so that slow drift of a shared machine cancels out.
 """
 
@@ -26,6 +27,18 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}x"
 
 
+def _wsgi_method(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    if not any(row["side"] == "wsgi" for row in rows):
+        return ""
+    threads = data["settings"].get("gunicorn_threads", "?")
+    return (
+        f" WSGI variants (Flask): gunicorn (1 gthread worker, {threads} threads, pure-Python"
+        " HTTP parser) pinned to core 0, their ratios are to `flask-baseline-sync` (bare"
+        " Flask opening its session by hand) and their CPU is that of gunicorn's whole"
+        " process tree (master and worker), their RSS the worker's."
+    )
+
+
 def _markdown(data: dict[str, Any], rows: list[dict[str, Any]], verdicts: list[Any]) -> str:
     machine, settings = data["machine"], data["settings"]
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
@@ -48,9 +61,9 @@ def _markdown(data: dict[str, Any], rows: list[dict[str, Any]], verdicts: list[A
         f" pinned to core 1, PostgreSQL backends unpinned; {settings['warmup']} s warm-up then"
         f" {settings['duration']} s per run, {settings['repeats']} interleaved round(s),"
         f" connections {settings['connections']}, default pool (5 + 10 overflow, 30 s"
-        " timeout). Ratios are to the hand-written baseline of the same mode and driver"
-        " (sync: psycopg 3 / pysqlite, async: asyncpg / aiosqlite); for req/s higher is"
-        " better, for latency and CPU lower is better.",
+        " timeout). Ratios are to the hand-written baseline of the same server, mode and"
+        " driver (sync: psycopg 3 / pysqlite, async: asyncpg / aiosqlite); for req/s higher"
+        " is better, for latency and CPU lower is better." + _wsgi_method(data, rows),
         "",
         "## Targets",
         "",
@@ -171,7 +184,7 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> bool:
         return False
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if not row["variant"].startswith("baseline"):
+        if not row["is_baseline"]:
             groups[(row["backend"], row["connections"])].append(row)
     if not groups:
         return False
@@ -195,7 +208,7 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> bool:
         axis.axvline(1.0, color="black", linewidth=1)
         axis.axvline(0.95, color="grey", linestyle=":", linewidth=1)
         axis.set_title(f"{backend}, {connections} connections")
-        axis.set_xlabel("throughput / same-mode baseline")
+        axis.set_xlabel("throughput / baseline of the same server and mode")
         axis.legend(fontsize=8, loc="lower right")
     figure.suptitle("Throughput ratio to the hand-written baseline (same run, same driver)")
     figure.tight_layout()

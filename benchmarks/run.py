@@ -1,9 +1,12 @@
 """Run the benchmark: ``python -m benchmarks [--quick]`` (or ``scripts/bench``).
 
-Starts one uvicorn server per variant (one worker, pinned to core 0), drives each with wrk
+Starts one server per variant pinned to core 0 (uvicorn with one worker for the ASGI
+variants, gunicorn with one gthread worker for the WSGI ones), drives each with wrk
 (pinned to core 1) in interleaved rounds (A B C ... A B C ...), checks correctness after
-every run, then runs the memory soak (full mode) and the in-process micro-benchmark, and
-writes JSON, Markdown and a PNG chart into ``benchmarks/results/``.
+every run, then runs the memory soak (full mode) and the in-process micro-benchmark (both
+ASGI only), and writes JSON, Markdown and a PNG chart into ``benchmarks/results/``. Each
+variant is compared with the baseline of its own side and mode: bare Starlette for ASGI,
+bare Flask (``flask-baseline-sync``) for WSGI.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .micro import run_micro
 from .peers import prepare_peers
 from .report import write_report
 from .soak import run_soak
-from .variants import VARIANTS, Variant
+from .variants import VARIANTS, Variant, baseline_of
 
 __all__ = ["main"]
 
@@ -38,13 +41,17 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="about two minutes: PostgreSQL,"
-        " 32 connections, one round of 2 s runs, short micro, no soak",
+        help="about two to three minutes: PostgreSQL, 32 connections, one round of 2 s"
+        " runs, short micro, no soak, not every variant (see benchmarks/variants.py)",
     )
     parser.add_argument("--db", help="comma list of sqlite,postgresql")
     parser.add_argument("--connections", help="comma list, default 32,256")
     parser.add_argument("--workloads", default="noop,read,write")
-    parser.add_argument("--variants", help="comma list of variant names or families")
+    parser.add_argument(
+        "--variants",
+        help="comma list of variant names or families (e.g. sessionscope,sessionscope-flask);"
+        " the baselines they are compared with are added",
+    )
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--duration", type=int, help="seconds per measured run")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up before each run")
@@ -56,6 +63,13 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak-requests", type=int, help="0 skips the memory soak")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--no-micro", action="store_true")
+    parser.add_argument(
+        "--gunicorn-threads",
+        type=int,
+        default=servers.GUNICORN_THREADS,
+        help="threads of the one gthread worker serving each WSGI variant"
+        f" (default {servers.GUNICORN_THREADS})",
+    )
     options = parser.parse_args(argv)
     quick = options.quick
     options.db = (options.db or ("postgresql" if quick else "sqlite,postgresql")).split(",")
@@ -72,15 +86,22 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _selected(options: argparse.Namespace, peers_ok: dict[str, str]) -> list[Variant]:
+    """The variants to run, in ``VARIANTS`` order, each with the baseline of its side."""
     wanted = set(options.variants.split(",")) if options.variants else None
-    chosen = []
+    if wanted:
+        unknown = wanted - {n for v in VARIANTS.values() for n in (v.name, v.family)}
+        if unknown:
+            raise SystemExit(f"Unknown variant(s) {', '.join(sorted(unknown))}.")
+    chosen: set[str] = set()
     for variant in VARIANTS.values():
-        if wanted and not ({variant.name, variant.family} & wanted) and not variant.is_baseline:
+        if wanted is not None and not ({variant.name, variant.family} & wanted):
+            continue
+        if wanted is None and options.quick and not variant.quick:
             continue
         if variant.peer and (options.no_peers or variant.peer not in peers_ok):
             continue
-        chosen.append(variant)
-    return chosen
+        chosen |= {variant.name, baseline_of(variant).name}
+    return [variant for name, variant in VARIANTS.items() if name in chosen]
 
 
 def _python_for(variant: Variant, peers_ok: dict[str, str]) -> str:
@@ -102,10 +123,11 @@ def _point(
         load.run_wrk(port, workload, connections, options.warmup, core=LOAD_CORE)
         checks.wait_drained(port, drain)
         chosen.reset(engine)
-    cpu_before, rss_before = servers.cpu_seconds(server.pid), servers.rss_bytes(server.pid)
+    # gunicorn's CPU is its whole process tree (master and worker); see benchmarks.servers.
+    cpu_before, rss_before = server.cpu_seconds(), server.rss_bytes()
     wrk = load.run_wrk(port, workload, connections, options.duration, core=LOAD_CORE)
-    cpu = servers.cpu_seconds(server.pid) - cpu_before
-    rss_after = servers.rss_bytes(server.pid)
+    cpu = server.cpu_seconds() - cpu_before
+    rss_after = server.rss_bytes()
     check = checks.check_run(server, chosen, engine, workload, wrk, connections, drain)
     requests = max(1, wrk["requests"])
     wrk.pop("acked", None)
@@ -143,6 +165,7 @@ def _load_phase(
                     _python_for(variant, peers_ok),
                     SERVER_CORE,
                     logs,
+                    gunicorn_threads=options.gunicorn_threads,
                 )
             )
         alive = []
@@ -188,6 +211,9 @@ def _load_phase(
                             backend=chosen.name,
                             variant=server.variant.name,
                             mode=server.variant.mode,
+                            server=server.variant.server,
+                            side=server.variant.side,
+                            baseline=baseline_of(server.variant).name,
                             workload=workload,
                             connections=connections,
                             repeat=repeat,

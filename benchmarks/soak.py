@@ -3,7 +3,7 @@
 Each server gets a warm-up of 5,000 mixed requests, then its RSS is read from ``/proc``,
 then at least ``--soak-requests`` more (40% reads, 40% inserts, 15% noop, 5% failing
 writes), then the correctness checks run and RSS is read again. Target: < 5 MB growth
-across 100,000 requests for sessionscope.
+across 100,000 requests for sessionscope. The soak covers the ASGI variants only.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def run_soak(
             _mixed(server.port, 5000, load_core)
             checks.wait_drained(server.port, 10.0)
             chosen.reset(engine)
-            before = servers.rss_bytes(server.pid)
+            before = server.rss_bytes()
             wrk, chunks = _mixed(server.port, requests, load_core)
             check = checks.check_run(server, chosen, engine, "mix", wrk, 32 * chunks, 10.0)
-            after = servers.rss_bytes(server.pid)
+            after = server.rss_bytes()
             results.append(
                 {
                     "variant": name,

@@ -1,10 +1,18 @@
-"""Medians, same-run ratios to the baseline, and the verdict on each target of issue #5."""
+"""Medians, same-run ratios to the baseline, and the verdict on each target of issue #5.
+
+Each variant is set against the baseline of its own side and mode (``baseline-sync`` /
+``baseline-async`` under uvicorn, ``flask-baseline-sync`` under gunicorn), which every run
+records; sessionscope's Flask extension is compared with the Flask peers, its ASGI
+middleware with the ASGI peers.
+"""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
 from typing import Any
+
+from .variants import VARIANTS, baseline_of
 
 __all__ = ["summarise", "targets"]
 
@@ -17,18 +25,35 @@ def _errors(run: dict[str, Any]) -> int:
     return int(socket + wrk["status"]["4xx"] + wrk["status"]["5xx"] + wrk["status"]["other"])
 
 
+def _describe(run: dict[str, Any]) -> dict[str, Any]:
+    """Side, baseline, family and peer flag of a run's variant (older runs: ASGI)."""
+    known = VARIANTS.get(run["variant"])
+    if known is not None:
+        return {
+            "side": known.side,
+            "baseline": baseline_of(known).name,
+            "family": known.family,
+            "peer": known.peer is not None,
+        }
+    return {
+        "side": run.get("side", "asgi"),
+        "baseline": run.get("baseline", f"baseline-{run['mode']}"),
+        "family": run["variant"],
+        "peer": False,
+    }
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per backend, connections, workload and variant, in the order first run."""
+    """One row per backend, connections, workload and variant, each side's baseline first."""
     by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         by_key[(run["backend"], run["connections"], run["workload"], run["variant"])].append(run)
     rows = []
     for (backend, connections, workload, variant), group in by_key.items():
+        described = _describe(group[0])
         base_runs = {
             r["repeat"]: r
-            for r in by_key.get(
-                (backend, connections, workload, f"baseline-{group[0]['mode']}"), []
-            )
+            for r in by_key.get((backend, connections, workload, described["baseline"]), [])
         }
         row: dict[str, Any] = {
             "backend": backend,
@@ -36,6 +61,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "workload": workload,
             "variant": variant,
             "mode": group[0]["mode"],
+            **described,
+            "is_baseline": variant == described["baseline"],
             "rounds": len(group),
         }
         for field, short in METRICS.items():
@@ -57,7 +84,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["backend"],
             r["connections"],
             r["workload"],
-            not r["variant"].startswith("baseline"),
+            r["side"],
+            not r["is_baseline"],
             r["mode"],
             r["variant"],
         )
@@ -71,35 +99,59 @@ def _verdict(target: str, passed: bool | None, detail: str) -> dict[str, str]:
 
 
 def targets(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, str]]:
-    """Check the targets of issue #5 against the summary rows."""
-    ours = [r for r in rows if r["variant"].startswith("sessionscope")]
+    """Check the targets of issue #5 against the summary rows.
+
+    sessionscope's rows are its ASGI middleware (``sessionscope-*``, against bare Starlette
+    and the ASGI peers) and its Flask extension (``sessionscope-flask-sync``, against bare
+    Flask and the Flask peers); each ratio is already to the baseline of the row's side.
+    """
+    ours = [r for r in rows if r["family"] in ("sessionscope", "sessionscope-flask")]
     out = []
     for workloads, floor, what in (
         (("noop",), 0.97, "/noop >= 0.97x bare app"),
         (("read", "write"), 0.95, "/items/{id} and POST /items >= 0.95x baseline"),
     ):
         chosen = [r for r in ours if r["workload"] in workloads and r["rps_ratio"] is not None]
-        worst = min(chosen, key=lambda r: r["rps_ratio"], default=None)
+        worst_by_side: dict[str, dict[str, Any]] = {}
+        for side in ("asgi", "wsgi"):
+            worst = min(
+                (r for r in chosen if r["side"] == side),
+                key=lambda r: r["rps_ratio"],
+                default=None,
+            )
+            if worst is not None:
+                worst_by_side[side] = worst
         out.append(
             _verdict(
                 what,
-                None if worst is None else worst["rps_ratio"] >= floor,
-                "no run"
-                if worst is None
-                else f"worst {worst['rps_ratio']:.3f}x ({worst['variant']},"
-                f" {worst['workload']}, {worst['backend']} c={worst['connections']})",
+                None
+                if not worst_by_side
+                else all(w["rps_ratio"] >= floor for w in worst_by_side.values()),
+                "; ".join(
+                    f"{side.upper()}: worst {w['rps_ratio']:.3f}x ({w['variant']},"
+                    f" {w['workload']}, {w['backend']} c={w['connections']})"
+                    for side, w in worst_by_side.items()
+                )
+                or "no run",
             )
         )
     behind = []
     compared = 0
     for row in ours:
         for peer in rows:
-            if (peer["backend"], peer["connections"], peer["workload"], peer["mode"]) != (
+            if not peer["peer"] or (
+                peer["backend"],
+                peer["connections"],
+                peer["workload"],
+                peer["mode"],
+                peer["side"],
+            ) != (
                 row["backend"],
                 row["connections"],
                 row["workload"],
                 row["mode"],
-            ) or peer["variant"].split("-")[0] in ("baseline", "empty", "sessionscope"):
+                row["side"],
+            ):
                 continue
             compared += 1
             if peer["rps"] >= row["rps"]:
@@ -109,7 +161,7 @@ def targets(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, 
                 )
     out.append(
         _verdict(
-            "ahead of every peer (req/s, same mode and workload)",
+            "ahead of every peer (req/s, same server, mode and workload)",
             None if not compared else not behind,
             f"{compared} comparisons" + ("; behind: " + "; ".join(behind[:6]) if behind else ""),
         )

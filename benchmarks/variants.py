@@ -1,18 +1,35 @@
 """Which variants exist, which app builds each, and which Python environment runs it.
 
-A variant is one way to get a request-scoped session: the hand-written baseline, the
+A variant is one way to get a request-scoped session: a hand-written baseline, the
 baseline behind one empty middleware, sessionscope, or a peer library. Each has a mode
-(``sync``: psycopg 3 / pysqlite, ``async``: asyncpg / aiosqlite) and is compared with the
-baseline of the same mode and driver, measured in the same run.
+(``sync``: psycopg 3 / pysqlite, ``async``: asyncpg / aiosqlite) and a server: the ASGI
+variants run under uvicorn, the WSGI ones (Flask) under gunicorn. Each is compared with the
+baseline of the same server and mode (and so driver), measured in the same run:
+``baseline-sync`` / ``baseline-async`` (bare Starlette) for the ASGI side,
+``flask-baseline-sync`` (bare Flask) for the WSGI side.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BASELINE", "PEERS", "VARIANTS", "Peer", "Variant", "baseline_of"]
+__all__ = [
+    "BASELINE",
+    "BASELINES",
+    "FLASK_BASELINE",
+    "PEERS",
+    "VARIANTS",
+    "Peer",
+    "Variant",
+    "baseline_of",
+]
 
 BASELINE = "baseline"
+"""The family of the ASGI baselines (bare Starlette, one per mode)."""
+FLASK_BASELINE = "flask-baseline"
+"""The family of the WSGI baseline (bare Flask, sync)."""
+BASELINES = {"uvicorn": BASELINE, "gunicorn": FLASK_BASELINE}
+"""The baseline family of each server's side."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,8 @@ PEERS: dict[str, Peer] = {
         Peer("fastapi-sqla", "fastapi-sqla", "fastapi_sqla"),
         Peer("advanced-alchemy", "advanced-alchemy", "advanced_alchemy"),
         Peer("asgi-sqlalchemy", "asgi-sqlalchemy", "asgi_sqlalchemy"),
+        Peer("flask-sqlalchemy", "flask-sqlalchemy", "flask_sqlalchemy"),
+        Peer("flask-sqlalchemy-lite", "flask-sqlalchemy-lite", "flask_sqlalchemy_lite"),
     )
 }
 
@@ -41,11 +60,13 @@ class Variant:
     """One server configuration under test.
 
     :param name: unique label, e.g. ``sessionscope-async``.
-    :param family: ``baseline``, ``layer``, ``sessionscope`` or the peer's name.
+    :param family: ``baseline``, ``layer``, ``sessionscope``, ``flask-baseline``,
+        ``sessionscope-flask`` or the peer's name.
     :param mode: ``sync`` or ``async``.
     :param factory: ``module:function`` building the app from ``(url, mode)``.
     :param peer: the peer package it needs, if any (then it runs in the peers' venv).
-    :param server: ``uvicorn`` (ASGI); ``gunicorn`` is reserved for the WSGI variants.
+    :param server: ``uvicorn`` (ASGI app) or ``gunicorn`` (WSGI app).
+    :param quick: whether ``--quick`` runs it.
     """
 
     name: str
@@ -54,11 +75,17 @@ class Variant:
     factory: str
     peer: str | None = None
     server: str = "uvicorn"
+    quick: bool = True
+
+    @property
+    def side(self) -> str:
+        """``asgi`` or ``wsgi``: the variants of one side are compared with each other."""
+        return "wsgi" if self.server == "gunicorn" else "asgi"
 
     @property
     def is_baseline(self) -> bool:
-        """Whether this is the baseline its mode's ratios are computed against."""
-        return self.family == BASELINE
+        """Whether this is the baseline its side's and mode's ratios are computed against."""
+        return self.family == BASELINES[self.server]
 
 
 def _variants() -> list[Variant]:
@@ -81,6 +108,30 @@ def _variants() -> list[Variant]:
         module = apps + "peer_" + PEERS[peer].import_name
         for mode in modes:
             found.append(Variant(f"{peer}-{mode}", peer, mode, module + ":build", peer=peer))
+    # The WSGI side: Flask apps under gunicorn, sync drivers only. --quick leaves out
+    # Flask-SQLAlchemy-Lite to stay within its time budget.
+    wsgi: dict[str, tuple[str, str | None, bool]] = {
+        FLASK_BASELINE: ("wsgi_baseline", None, True),
+        "sessionscope-flask": ("wsgi_sessionscope", None, True),
+        "flask-sqlalchemy": ("wsgi_peer_flask_sqlalchemy", "flask-sqlalchemy", True),
+        "flask-sqlalchemy-lite": (
+            "wsgi_peer_flask_sqlalchemy_lite",
+            "flask-sqlalchemy-lite",
+            False,
+        ),
+    }
+    for family, (module, wsgi_peer, quick) in wsgi.items():
+        found.append(
+            Variant(
+                f"{family}-sync",
+                family,
+                "sync",
+                apps + module + ":build",
+                peer=wsgi_peer,
+                server="gunicorn",
+                quick=quick,
+            )
+        )
     return found
 
 
@@ -88,5 +139,5 @@ VARIANTS: dict[str, Variant] = {variant.name: variant for variant in _variants()
 
 
 def baseline_of(variant: Variant) -> Variant:
-    """The baseline a variant's ratios are computed against: same mode, same driver."""
-    return VARIANTS[f"baseline-{variant.mode}"]
+    """The baseline a variant's ratios are computed against: same server, mode and driver."""
+    return VARIANTS[f"{BASELINES[variant.server]}-{variant.mode}"]

@@ -1,4 +1,4 @@
-"""What every benchmark app shares: the table, the JSON shapes and the managed endpoints.
+"""What every ASGI benchmark app shares: the Starlette endpoints and helpers.
 
 Every variant answers the same four endpoints with byte-identical JSON:
 
@@ -11,8 +11,10 @@ Every variant answers the same four endpoints with byte-identical JSON:
 plus ``GET /_stats``, the harness's window into the pool (``checkedout``) and, where the
 variant has them, its registry (``live_sessions``) and open units (``live_units``).
 
-This module imports only Starlette and SQLAlchemy, so that it loads in the peers' own
-virtual environment as well as in the project's.
+The table, the JSON shapes and the SQLite settings live in ``shared`` (re-exported here),
+which the WSGI apps' ``wsgi_common`` uses too. This module imports only Starlette and
+SQLAlchemy, so that it loads in the peers' own virtual environment as well as in the
+project's.
 """
 
 from __future__ import annotations
@@ -20,53 +22,42 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import String, event
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.pool import Pool
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .shared import (
+    FAIL_NAME,
+    NOOP_BODY,
+    NOT_FOUND_BODY,
+    SEED_ROWS,
+    Base,
+    BenchFailure,
+    Item,
+    item_json,
+    use_sqlite_pragmas,
+)
+
 __all__ = [
     "FAIL_NAME",
     "NOOP_BODY",
     "SEED_ROWS",
     "AppFactory",
+    "Base",
     "BenchFailure",
     "EmptyMiddleware",
     "Item",
     "StatsFn",
+    "item_json",
     "managed_routes",
     "use_sqlite_pragmas",
 ]
 
-SEED_ROWS = 10_000
-"""Rows seeded before a run; ids above this were written by a run."""
-FAIL_NAME = "fail"
-"""The name ``GET /fail`` writes; no row may ever keep it."""
-NOOP_BODY = {"ok": True}
-
 StatsFn = Callable[[Request], dict[str, Any]]
 """Reads the variant's pool (and registry) for ``GET /_stats``."""
-
-
-class Base(DeclarativeBase):
-    """Declarative base of the benchmark tables."""
-
-
-class Item(Base):
-    """The one benchmark table: an integer primary key and a short name."""
-
-    __tablename__ = "bench_item"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64))
-
-
-class BenchFailure(RuntimeError):
-    """Raised by ``GET /fail`` after its write, so that the write must be rolled back."""
 
 
 class EmptyMiddleware:
@@ -79,14 +70,9 @@ class EmptyMiddleware:
         await self.app(scope, receive, send)
 
 
-def item_json(item: Item) -> dict[str, Any]:
-    """The JSON shape of one item."""
-    return {"id": item.id, "name": item.name}
-
-
 def not_found() -> JSONResponse:
     """The answer for an id that does not exist."""
-    return JSONResponse({"detail": "not found"}, status_code=404)
+    return JSONResponse(NOT_FOUND_BODY, status_code=404)
 
 
 async def noop(request: Request) -> JSONResponse:
@@ -171,25 +157,6 @@ def _async_routes(get_session: Callable[[Request], Any]) -> list[Route]:
         Route("/items", create, methods=["POST"]),
         Route("/fail", fail),
     ]
-
-
-def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
-
-
-def use_sqlite_pragmas(url: str) -> None:
-    """Give every SQLite connection of this process WAL and ``synchronous=NORMAL``.
-
-    Listening on the ``Pool`` class reaches the engines a peer creates itself too, so that
-    every variant runs on identically configured SQLite connections.
-    """
-    if url.startswith("sqlite") and not event.contains(Pool, "connect", _sqlite_pragmas):
-        event.listen(Pool, "connect", _sqlite_pragmas)
 
 
 AppFactory = Callable[[str, str], ASGIApp]
