@@ -9,6 +9,7 @@ ratios, so that slow drift of a shared machine cancels out.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -218,7 +219,10 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def write_report(data: dict[str, Any], directory: Path) -> dict[str, Path]:
-    """Write ``<stamp>-<kind>.json``, ``.md`` and ``.png`` into ``directory``."""
+    """Write ``<stamp>-<kind>.json``, ``.md`` and ``.png`` into ``directory``.
+
+    A full run also becomes ``latest.md`` and ``latest.png``, the report README shows.
+    """
     rows = summarise(data["runs"])
     verdicts = targets(rows, data)
     data = {**data, "summary": rows, "targets": verdicts}
@@ -231,5 +235,11 @@ def write_report(data: dict[str, Any], directory: Path) -> dict[str, Path]:
         paths["chart"] = directory / f"{stem}.png"
         markdown += f"\n![throughput ratios]({stem}.png)\n"
     paths["markdown"].write_text(markdown)
+    if not data["quick"] or not (directory / "latest.md").exists():
+        # README shows latest.md and latest.png: a full run replaces them, a quick one
+        # only fills them in when there is nothing better.
+        (directory / "latest.md").write_text(markdown.replace(f"({stem}.png)", "(latest.png)"))
+        if "chart" in paths:
+            shutil.copyfile(paths["chart"], directory / "latest.png")
     print(markdown, flush=True)
     return paths

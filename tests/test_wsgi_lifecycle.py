@@ -26,6 +26,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import Conflict, HTTPException, NotFound, UnprocessableEntity
 from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
@@ -136,6 +137,24 @@ def test_error_status_rolls_back(adapter: str, db: Database[Any], rows: Rows, st
     assert rows() == []
 
 
+@pytest.mark.parametrize("error", [NotFound, Conflict, UnprocessableEntity])
+def test_raised_http_exception_rolls_back(
+    adapter: str, db: Database[Any], rows: Rows, error: type[HTTPException]
+) -> None:
+    """An HTTP error raised after a write ('abort(409)') answers its status and stores nothing."""
+
+    def view() -> Reply:
+        db.session.add(Item(name="refused"))
+        db.session.flush()
+        raise error()
+
+    app = build(adapter, db, {"/": view, "/next": add(db, "next")})
+    assert call(app)[0] == error.code
+    assert rows() == []
+    assert call(app, "/next")[0] == 201
+    assert rows() == ["next"]
+
+
 def test_unhandled_exception_rolls_back(adapter: str, db: Database[Any], rows: Rows) -> None:
     """A view that raises leaves nothing behind, and the next request still works."""
 
@@ -219,6 +238,32 @@ def test_statements_without_orm_objects_commit(adapter: str, db: Database[Any], 
         assert sorted(rows()) == sorted(stored)
 
 
+def test_ddl_commits_with_the_request(
+    adapter: str, db: Database[Any], checker: Engine, backend: Backend
+) -> None:
+    """A table created in a request exists afterwards, and not after an error status (19)."""
+
+    def create(name: str, status: int) -> View:
+        def view() -> Reply:
+            db.session.execute(sa.text(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY)"))
+            return Reply(status)
+
+        return view
+
+    app = build(adapter, db, {"/kept": create("ddl_kept", 201), "/gone": create("ddl_gone", 409)})
+    assert call(app, "/kept")[0] == 201
+    assert call(app, "/gone")[0] == 409
+    tables = set(sa.inspect(checker).get_table_names())
+    assert "ddl_kept" in tables
+    if backend.name == "postgresql":
+        # MariaDB commits DDL implicitly, and so does Python's sqlite3 module (it opens a
+        # transaction only before INSERT, UPDATE, DELETE and REPLACE).
+        assert "ddl_gone" not in tables
+    with checker.begin() as connection:
+        for name in ("ddl_kept", "ddl_gone"):
+            connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+
+
 # -- failed commits ----------------------------------------------------------------------------
 
 
@@ -270,10 +315,12 @@ def test_commit_error_hook_gives_the_response(adapter: str, db: Database[Any], r
     def hook(error: BaseException) -> WSGIApplication:
         return Response(f"not stored: {type(error).__name__}", status=503)
 
-    app = build(adapter, db, {"/": orphan}, on_commit_error=hook)
+    app = build(adapter, db, {"/": orphan, "/next": add(db, "next")}, on_commit_error=hook)
     status, body = call(app)
     assert status == 503
-    assert body.startswith(b"not stored: ")
+    assert body in (b"not stored: IntegrityError", b"not stored: PendingRollbackError")
+    assert call(app, "/next")[0] == 201
+    assert rows() == ["next"]
 
 
 def test_after_commit_listener_that_raises_keeps_the_response(
