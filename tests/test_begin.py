@@ -322,6 +322,28 @@ async def test_wrong_with_form_says_which_one_to_use(make_db: DatabaseFactory) -
 
 
 @pytest.mark.anyio
+async def test_begin_block_entered_twice_is_refused(make_db: DatabaseFactory, rows: Rows) -> None:
+    """One 'db.begin()' object is one unit: entering it again says to call db.begin() anew."""
+    db = make_db()
+    block = db.begin()
+    if db.is_async:
+        async with block:
+            pass
+        with pytest.raises(RuntimeError, match=r"already entered; call 'db\.begin\(\)' again"):
+            async with block:
+                pass  # pragma: no cover - never entered
+    else:
+        with block:
+            pass
+        with (
+            pytest.raises(RuntimeError, match=r"already entered; call 'db\.begin\(\)' again"),
+            block,
+        ):
+            pass  # pragma: no cover - never entered
+    assert db.live_units == 0
+
+
+@pytest.mark.anyio
 async def test_session_captured_in_a_context_that_outlives_the_unit_is_refused(
     make_db: DatabaseFactory,
 ) -> None:

@@ -402,6 +402,22 @@ def test_two_databases_stack(make_db: Callable[..., Database[Any]], rows: Rows) 
 
 
 @sync_backends
+def test_second_start_response_without_exc_info_is_refused(db: Database[Any], rows: Rows) -> None:
+    """PEP 3333 allows a second 'start_response' only with 'exc_info': say so, store nothing."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        db.session.add(Item(name="twice"))
+        start_response("200 OK", [])
+        start_response("201 Created", [])
+        return [b"never"]  # pragma: no cover - the second call raises
+
+    with pytest.raises(RuntimeError, match="a second time without 'exc_info'"):
+        Server(db).run(WSGISessionMiddleware(app, db))
+    assert rows() == []
+    assert db.live_units == 0
+
+
+@sync_backends
 def test_session_outside_a_request_names_the_fix(db: Database[Any]) -> None:
     """Outside any unit, 'db.session' says what to install instead of making an orphan."""
     with pytest.raises(RuntimeError, match="WSGISessionMiddleware"):
