@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_
 
 from sessionscope import Database
 
@@ -39,3 +42,22 @@ def add(name: str) -> Callable[[Session], None]:
         session.add(Item(name=name))
 
     return work
+
+
+def hold_first_commit(db: Database[Any]) -> tuple[anyio.Event, list[bool]]:
+    """Make the first COMMIT of an async ``db`` wait forever, so that it can be cancelled.
+
+    Returns the event set once that COMMIT is reached, and a list that then holds ``True``.
+    """
+    reached = anyio.Event()
+    never = anyio.Event()
+    held: list[bool] = []
+
+    def hold(connection: object) -> None:
+        if not held:
+            held.append(True)
+            reached.set()
+            await_(never.wait())
+
+    event.listen(db.sync_engine, "commit", hold)
+    return reached, held

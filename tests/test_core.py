@@ -20,12 +20,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
-from sqlalchemy.util import await_
 
 from sessionscope import Database
 
 from ._models import Child, Item
-from ._units import Boom, Rows, add, run_unit
+from ._units import Boom, Rows, add, hold_first_commit, run_unit
 from .conftest import PG_ADMIN_URL, DatabaseFactory, backend_params
 
 
@@ -514,17 +513,7 @@ async def test_cancelled_mid_commit_returns_the_connection(
 ) -> None:
     """A request cancelled while its COMMIT is under way must still give its connection back."""
     db = make_db()
-    reached = anyio.Event()
-    never = anyio.Event()
-    held: list[bool] = []
-
-    def hold_the_commit(connection: sa.Connection) -> None:
-        if not held:
-            held.append(True)
-            reached.set()
-            await_(never.wait())
-
-    event.listen(db.sync_engine, "commit", hold_the_commit)
+    reached, held = hold_first_commit(db)
 
     async def unit() -> None:
         async with db.begin() as session:

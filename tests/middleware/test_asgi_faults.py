@@ -26,7 +26,6 @@ from pydantic import BaseModel
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -39,6 +38,7 @@ from sessionscope import Database, SessionMiddleware
 from sessionscope._types import ASGIApp, Message, Receive, Scope, Send
 
 from .._models import Child, Item, Owner, Pet
+from .._units import hold_first_commit
 from ..conftest import DatabaseFactory, assert_no_leaks, backend_params
 from ._asgi_apps import build_app, insert, resolve
 from ._driver import Exchange, call
@@ -296,17 +296,7 @@ async def test_request_cancelled_inside_its_commit_returns_the_connection(
 ) -> None:
     """A request cancelled while the middleware commits sends nothing and frees its slot."""
     db = make_db(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5})
-    reached = anyio.Event()
-    never = anyio.Event()
-    held: list[bool] = []
-
-    def hold_the_commit(connection: sa.Connection) -> None:
-        if not held:
-            held.append(True)
-            reached.set()
-            await_(never.wait())
-
-    event.listen(db.sync_engine, "commit", hold_the_commit)
+    reached, held = hold_first_commit(db)
     app = build_app(db)
     with anyio.fail_after(20):
         await cancel_request(app, "/items/lost", reached, how)
