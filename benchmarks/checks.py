@@ -87,9 +87,22 @@ def check_run(
     fail_rows = backend.fail_rows(engine)
     if fail_rows:
         problems.append(f"{fail_rows} GET /fail row(s) committed")
-    backend.reset(engine)
+    # A pool that never drained is a server that wedged or leaked: the harness stops it.
+    result["wedged"] = "error" in stats or bool(stats.get("checkedout"))
+    error = reset_table(backend, engine)
+    if error is not None:
+        problems.append(f"could not clean the table after the run: {error}")
     result["problems"] = problems
     return result
+
+
+def reset_table(backend: Backend, engine: Engine) -> str | None:
+    """Delete what the run wrote; say why not (a lock another server holds) instead of raising."""
+    try:
+        backend.reset(engine)
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return None
 
 
 def _fail_status(port: int) -> int:

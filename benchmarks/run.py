@@ -122,7 +122,7 @@ def _point(
     if options.warmup and (first or options.warmup_every_round):
         load.run_wrk(port, workload, connections, options.warmup, core=LOAD_CORE)
         checks.wait_drained(port, drain)
-        chosen.reset(engine)
+        checks.reset_table(chosen, engine)
     # gunicorn's CPU is its whole process tree (master and worker); see benchmarks.servers.
     cpu_before, rss_before = server.cpu_seconds(), server.rss_bytes()
     wrk = load.run_wrk(port, workload, connections, options.duration, core=LOAD_CORE)
@@ -141,6 +141,24 @@ def _point(
         "wrk": wrk,
         "check": check,
     }
+
+
+def _retire(
+    server: servers.ServerProcess, chosen: Backend, engine: Any, failures: dict[str, str]
+) -> None:
+    """Stop a server whose pool never drained, so that it cannot hold up the others.
+
+    A variant that keeps its connections after the load (a deadlock, a leak) also keeps
+    their transactions: on SQLite one open write transaction locks the file for every
+    other variant. Its remaining runs are reported as not run.
+    """
+    print(f"  ! {server.variant.name} kept its connections: stopped for the rest of the run")
+    failures[f"{server.variant.name}@{chosen.name}"] = (
+        "its pool never drained after a run (connections kept checked out); the server was"
+        " stopped so that the other variants could go on"
+    )
+    servers.stop(server)
+    checks.reset_table(chosen, engine)
 
 
 def _load_phase(
@@ -225,6 +243,8 @@ def _load_phase(
                             f"  {'FLAGGED: ' + '; '.join(problems) if problems else 'ok'}",
                             flush=True,
                         )
+                        if point["check"].get("wedged"):
+                            _retire(server, chosen, engine, failures)
     finally:
         for server in started:
             servers.stop(server)
