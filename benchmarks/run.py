@@ -285,17 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     counter = [0, total]
     for chosen in backends:
         _load_phase(options, chosen, variants, peers_ok, runs, failures, counter)
-    soak = (
-        run_soak(options.soak_requests, backends[-1], FIRST_PORT + 90, SERVER_CORE, LOAD_CORE)
-        if options.soak_requests
-        else []
-    )
+    # What follows the load phase must never cost the report its load figures: a failure
+    # (or Ctrl-C) there is recorded, and the report is written with what was measured.
+    soak: list[dict[str, Any]] = []
     micro = None
-    if not options.no_micro:
-        print("In-process micro-benchmark...", flush=True)
-        micro = run_micro(
-            {c.name: {"sync": c.sync_url, "async": c.async_url} for c in backends}, options.quick
-        )
+    try:
+        if not options.no_micro:
+            print("In-process micro-benchmark...", flush=True)
+            micro = run_micro(
+                {c.name: {"sync": c.sync_url, "async": c.async_url} for c in backends},
+                options.quick,
+            )
+        if options.soak_requests:
+            run_soak(
+                options.soak_requests,
+                backends[-1],
+                FIRST_PORT + 90,
+                SERVER_CORE,
+                LOAD_CORE,
+                results=soak,
+            )
+    except Exception as error:
+        failures["micro-benchmark or soak"] = f"{type(error).__name__}: {error}"
+        print(f"  ! {failures['micro-benchmark or soak']}", flush=True)
+    except (KeyboardInterrupt, SystemExit):
+        failures["micro-benchmark or soak"] = "interrupted; the report keeps what was measured"
+        print("  ! interrupted: writing the report with what was measured", flush=True)
     machine["load_average_end"] = os.getloadavg()
     data = {
         "argv": sys.argv[1:] if argv is None else argv,

@@ -19,7 +19,8 @@ from .variants import VARIANTS
 __all__ = ["run_soak"]
 
 HERE = Path(__file__).resolve().parent
-SOAK_VARIANTS = ["baseline-sync", "sessionscope-sync", "baseline-async", "sessionscope-async"]
+# sessionscope first: an interrupted soak still has the figures the target is about.
+SOAK_VARIANTS = ["sessionscope-sync", "sessionscope-async", "baseline-sync", "baseline-async"]
 
 
 def _mixed(port: int, requests: int, core: int) -> tuple[dict[str, Any], int]:
@@ -35,10 +36,19 @@ def _mixed(port: int, requests: int, core: int) -> tuple[dict[str, Any], int]:
 
 
 def run_soak(
-    requests: int, chosen: Backend, port: int, server_core: int, load_core: int
+    requests: int,
+    chosen: Backend,
+    port: int,
+    server_core: int,
+    load_core: int,
+    results: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Soak baseline and sessionscope, sync and async, on ``chosen``; one result each."""
-    results: list[dict[str, Any]] = []
+    """Soak sessionscope and the baseline, sync and async, on ``chosen``; one result each.
+
+    Results are appended to ``results`` as they come, so that a caller keeps what was
+    measured if the soak is interrupted.
+    """
+    results = [] if results is None else results
     names = SOAK_VARIANTS
     engine = chosen.engine()
     for i, name in enumerate(names):

@@ -58,6 +58,10 @@ def item_json(item: Item) -> dict[str, Any]:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    # The listener is on the Pool class, so it also sees the connections of any other
+    # database this process opens (the micro-benchmark runs PostgreSQL apps after SQLite).
+    if "sqlite" not in type(dbapi_connection).__module__:
+        return
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
