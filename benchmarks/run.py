@@ -104,6 +104,15 @@ def _selected(options: argparse.Namespace, peers_ok: dict[str, str]) -> list[Var
     return [variant for name, variant in VARIANTS.items() if name in chosen]
 
 
+def _relative(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).relative_to(HERE.parent))
+    except ValueError:
+        return path
+
+
 def _python_for(variant: Variant, peers_ok: dict[str, str]) -> str:
     return peers_ok[variant.peer] if variant.peer else sys.executable
 
@@ -319,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1),
         "machine": machine,
-        "peers": peers,
+        # Paths inside the repository, not this machine's: the report is committed.
+        "peers": {
+            name: {**status, "python": _relative(status.get("python"))}
+            for name, status in peers.items()
+        },
         "variants": [v.name for v in variants],
         "runs": runs,
         "failures": failures,
