@@ -117,12 +117,6 @@ class SessionMiddleware:
         held: Message | None = None
         commit = False
 
-        def response_done() -> None:
-            # From here on db.session is a fresh unit, opened only if something (a
-            # background task) asks for it.
-            binding.unit = None
-            binding.renewable = True
-
         async def send_wrapper(message: Message) -> None:
             nonlocal state, held, commit
             if state == _DONE:
@@ -149,7 +143,8 @@ class SessionMiddleware:
                         db._take_session(unit)  # the request never used the session
                         await send(held)
                         state = _DONE
-                        # response_done(), written out: this is the no-session fast path.
+                        # From here on db.session is a fresh unit, opened only if
+                        # something (a background task) asks for it.
                         binding.unit = None
                         binding.renewable = True
                         await send(message)
@@ -160,14 +155,16 @@ class SessionMiddleware:
                 if error is not None:
                     state = _REPLACED
                     await self._finish(unit, commit=False)
-                    response_done()
+                    binding.unit = None
+                    binding.renewable = True
                     await self._send_failure(error, scope, receive, send)
                     return
                 await send(held)
                 held = None
                 if final:
                     state = _DONE
-                    response_done()
+                    binding.unit = None
+                    binding.renewable = True
                 else:
                     state = _STREAMING
                 await send(message)
@@ -176,7 +173,8 @@ class SessionMiddleware:
             if kind == "http.response.body" and not message.get("more_body", False):
                 error = await self._finish(unit, commit)
                 state = _DONE
-                response_done()
+                binding.unit = None
+                binding.renewable = True
                 if error is not None:
                     # Too late for a 500: withhold the last chunk so the response is visibly
                     # incomplete, and let the server abort the connection.
@@ -202,7 +200,10 @@ class SessionMiddleware:
             if not unit.closed or later is not None:
                 with anyio.CancelScope(shield=True):
                     await self._end(unit, later, commit_later=not failed)
-            db._unbind(token)
+            try:
+                binding_var.reset(token)
+            except ValueError:
+                db._unbind(token)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
