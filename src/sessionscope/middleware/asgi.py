@@ -103,7 +103,8 @@ class SessionMiddleware:
             await self._other(scope, receive, send)
             return
         # The HTTP path is the hot path: it is written out here, with few calls, because a
-        # request that never touches the session should pay close to nothing for it.
+        # request that never touches the session should pay close to nothing for it. (A
+        # helper closure for the end of the response measured about 1 us more per request.)
         db = self.db
         binding_var = db._binding
         outer = binding_var.get()
