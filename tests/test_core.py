@@ -302,6 +302,37 @@ async def test_session_whose_close_raises_is_still_removed(
 
 
 @pytest.mark.anyio
+async def test_close_whose_rollback_fails_still_gives_the_connection_back(
+    make_db: DatabaseFactory, rows: Rows, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ROLLBACK at close that fails with an error that is not a disconnect leaves SQLAlchemy
+    holding the connection checked out; the close must discard it, not leave it to the GC.
+    """
+    db = make_db(engine_options={"pool_size": 1, "max_overflow": 0})
+    failed: list[bool] = []
+
+    def fail_once(connection: object) -> None:
+        if not failed:
+            failed.append(True)
+            raise Boom("the rollback failed")
+
+    event.listen(db.sync_engine, "rollback", fail_once)
+
+    def write_then_fail(session: Session) -> None:
+        session.add(Item(name="rolled back"))
+        session.flush()
+        raise Boom("the application failed")
+
+    with caplog.at_level(logging.WARNING, logger="sessionscope"), pytest.raises(Boom):
+        await run_unit(db, write_then_fail)
+    assert failed == [True]
+    assert [r.getMessage() for r in problems(caplog)] == ["Closing the session failed"]
+    assert_clean(db)
+    await run_unit(db, add("next"))
+    assert rows() == ["next"]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("backend", backend_params(backends=["postgresql"]), indirect=True)
 async def test_commit_on_a_dead_connection_fails_loudly_and_the_next_unit_works(
     make_db: DatabaseFactory, rows: Rows
@@ -415,6 +446,64 @@ async def test_one_async_session_used_by_two_tasks_fails_fast_and_is_cleaned_up(
     assert_clean(db)
     await run_unit(db, add("next"))
     assert rows() == ["next"]
+
+
+# A query that runs long enough to still be running when the unit ends.
+IN_FLIGHT_QUERY = {
+    "postgresql": "SELECT pg_sleep(0.5)",
+    "mysql": "SELECT SLEEP(0.5)",
+    "mariadb": "SELECT SLEEP(0.5)",
+    "sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
+    " WHERE x < 500000) SELECT count(*) FROM c",
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+@pytest.mark.parametrize("backend", backend_params(modes=["async"]), indirect=True)
+async def test_a_task_still_querying_when_the_unit_ends_does_not_keep_the_connection(
+    make_db: DatabaseFactory, rows: Rows, ending: str
+) -> None:
+    """A task left running a query on the unit's session when the unit ends (one
+    'AsyncSession' used by two tasks) makes the driver refuse the ROLLBACK or COMMIT of the
+    end of the unit; the connection must still go back to the pool, and a commit that did
+    not happen must not be reported as done.
+    """
+    db = make_db()
+    in_flight = sa.text(IN_FLIGHT_QUERY[db.sync_engine.dialect.name])
+    # Set by the driver's greenlet, on the loop's thread.
+    started = anyio.Event()
+
+    def mark(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement == in_flight.text:
+            started.set()
+
+    event.listen(db.sync_engine, "before_cursor_execute", mark)
+    straggler: asyncio.Future[Any] | None = None
+    error: BaseException | None = None
+    with anyio.fail_after(20):
+        try:
+            async with db.begin() as session:
+                assert isinstance(session, AsyncSession)
+                session.add(Item(name="maybe"))
+                await session.flush()
+                straggler = asyncio.ensure_future(session.execute(in_flight))
+                await started.wait()
+                if ending == "rollback":
+                    raise Boom
+        except Exception as exc:
+            error = exc
+        assert straggler is not None
+        await asyncio.gather(straggler, return_exceptions=True)
+    assert_clean(db)
+    if ending == "rollback":
+        assert isinstance(error, Boom)
+        assert rows() == []
+    else:
+        # Whether the driver let the COMMIT through or not, what the caller was told holds.
+        assert rows() == ([] if error is not None else ["maybe"])
+    await run_unit(db, add("next"))
+    assert "next" in rows()
 
 
 # -- cancellation -----------------------------------------------------------------------------

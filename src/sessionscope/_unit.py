@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
-from sqlalchemy.exc import IllegalStateChangeError
+from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
@@ -77,13 +77,17 @@ def transaction_committed(root: SessionTransaction | None) -> bool:
     return getattr(root, "_state", None) is SessionTransactionState.COMMITTED
 
 
-def reset_failed_connections(root: SessionTransaction | None) -> None:
+def reset_failed_connections(root: SessionTransaction | None, discard: bool = False) -> None:
     """Roll back, at the driver, connections whose COMMIT failed.
 
     SQLAlchemy marks the transaction inactive whether or not COMMIT succeeded, so it never
     rolls it back and the pool takes the connection back as it is; on SQLite a failed COMMIT
     leaves the transaction open, and the next unit to get that connection would run inside
-    it. A connection that cannot be rolled back is invalidated instead.
+    it. A connection that cannot be rolled back is invalidated instead, and so is every one
+    when ``discard`` is true: the driver refused to send the COMMIT at all (an
+    ``InterfaceError``, such as asyncpg's "another operation is in progress"), so what the
+    connection holds is unknown, and a driver that forgot its transaction on the way (asyncpg
+    again) would take a ROLLBACK for a no-op and leave the server inside the transaction.
     """
     if root is None:
         return
@@ -93,6 +97,9 @@ def reset_failed_connections(root: SessionTransaction | None) -> None:
         transaction = connection.get_transaction()
         if transaction is None or transaction.is_active:
             # Nothing open, or an active transaction that close() will roll back itself.
+            continue
+        if discard:
+            connection.invalidate()
             continue
         try:
             connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
@@ -115,7 +122,7 @@ def commit_session(session: Session) -> BaseException | None:
             )
             return None
         logger.error("Commit failed; the unit of work was rolled back.", exc_info=True)
-        reset_failed_connections(root)
+        reset_failed_connections(root, discard=isinstance(exc, InterfaceError))
         return exc
     return None
 
@@ -128,19 +135,43 @@ def rollback_session(session: Session) -> None:
         logger.warning("Rollback failed; the session will be closed", exc_info=True)
 
 
-def close_session(session: Session) -> None:
-    """Close ``session``; an error (a dead connection, a raising listener) is logged only.
+def discard_connections(root: SessionTransaction | None) -> None:
+    """Invalidate the connections of ``root`` that a failed ``close()`` left checked out.
 
-    By the time ``close()`` raises, SQLAlchemy has already invalidated or checked in the
-    connection, so there is nothing left to recover.
+    ``close()`` detaches the transaction from the session before it rolls back and returns
+    each connection; when a ROLLBACK fails with an error that is not a disconnect (the driver
+    refusing it while another task's query runs on the connection, say), that connection is
+    left checked out, owned by nothing but the garbage collector. Its state is unknown, so
+    it is closed and the pool opens a fresh one in its place.
     """
+    if root is None:
+        return
+    for connection in root.connections:
+        if not connection.closed:
+            connection.invalidate()
+            connection.close()
+
+
+def close_session(session: Session) -> None:
+    """Close ``session``; an error (a dead connection, a raising listener) is logged only,
+    and a connection the failed close left checked out is discarded.
+    """
+    root = session.get_transaction()
     try:
         # A commit interrupted by a cancellation or another BaseException left its connection
         # in a transaction that close() would not roll back (see reset_failed_connections).
-        reset_failed_connections(session.get_transaction())
+        reset_failed_connections(root)
         session.close()
     except Exception:
         logger.warning("Closing the session failed", exc_info=True)
+        discard_connections(root)
+
+
+def _on_root(
+    _: Session, action: Callable[[SessionTransaction | None], None], root: SessionTransaction | None
+) -> None:
+    """Run ``action(root)`` from ``AsyncSession.run_sync``, where the driver can be awaited."""
+    action(root)
 
 
 # How long the close of an AsyncSession waits for another task still inside it (SQLAlchemy's
@@ -158,8 +189,9 @@ async def close_async_session(session: AsyncSession) -> None:
     """
     deadline: float | None = None
     while True:
+        root = session.sync_session.get_transaction()
         try:
-            await session.run_sync(lambda s: reset_failed_connections(s.get_transaction()))
+            await session.run_sync(_on_root, reset_failed_connections, root)
             await session.close()
         except IllegalStateChangeError:
             now = time.monotonic()
@@ -176,6 +208,7 @@ async def close_async_session(session: AsyncSession) -> None:
             await asyncio.sleep(0.005)
         except Exception:
             logger.warning("Closing the session failed", exc_info=True)
+            await session.run_sync(_on_root, discard_connections, root)
             return
         else:
             return
