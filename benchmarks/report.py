@@ -44,7 +44,7 @@ def _markdown(data: dict[str, Any], rows: list[dict[str, Any]], verdicts: list[A
     machine, settings = data["machine"], data["settings"]
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     lines = [
-        f"# sessionscope benchmark ({'quick' if data['quick'] else 'full'})",
+        f"# sessionscope benchmark ({data.get('kind') or ('quick' if data['quick'] else 'full')})",
         "",
         f"Started {data['started']}, took {data['elapsed_s']:.0f} s."
         f" Command: `python -m benchmarks {' '.join(data['argv'])}`.",
@@ -221,12 +221,15 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> bool:
 def write_report(data: dict[str, Any], directory: Path) -> dict[str, Path]:
     """Write ``<stamp>-<kind>.json``, ``.md`` and ``.png`` into ``directory``.
 
-    A full run also becomes ``latest.md`` and ``latest.png``, the report README shows.
+    A full run also becomes ``latest.md`` and ``latest.png``, the report README shows; a
+    quick or partial run (one that leaves out a database, a variant, a workload...) only
+    fills them in when there are none.
     """
     rows = summarise(data["runs"])
     verdicts = targets(rows, data)
     data = {**data, "summary": rows, "targets": verdicts}
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{'quick' if data['quick'] else 'full'}"
+    kind = data.get("kind") or ("quick" if data["quick"] else "full")
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"json": directory / f"{stem}.json", "markdown": directory / f"{stem}.md"}
     paths["json"].write_text(json.dumps(data, indent=1, default=str))
@@ -235,9 +238,8 @@ def write_report(data: dict[str, Any], directory: Path) -> dict[str, Path]:
         paths["chart"] = directory / f"{stem}.png"
         markdown += f"\n![throughput ratios]({stem}.png)\n"
     paths["markdown"].write_text(markdown)
-    if not data["quick"] or not (directory / "latest.md").exists():
-        # README shows latest.md and latest.png: a full run replaces them, a quick one
-        # only fills them in when there is nothing better.
+    if kind == "full" or not (directory / "latest.md").exists():
+        # README shows latest.md and latest.png: a full run replaces them.
         (directory / "latest.md").write_text(markdown.replace(f"({stem}.png)", "(latest.png)"))
         if "chart" in paths:
             shutil.copyfile(paths["chart"], directory / "latest.png")

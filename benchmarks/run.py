@@ -72,6 +72,16 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     )
     options = parser.parse_args(argv)
     quick = options.quick
+    # A run that leaves something out is partial: its report never replaces latest.md.
+    options.partial = not quick and bool(
+        options.db
+        or options.connections
+        or options.workloads != parser.get_default("workloads")
+        or options.variants
+        or options.no_peers
+        or options.no_micro
+        or options.soak_requests == 0
+    )
     options.db = (options.db or ("postgresql" if quick else "sqlite,postgresql")).split(",")
     options.connections = [
         int(c) for c in (options.connections or ("32" if quick else "32,256")).split(",")
@@ -324,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "argv": sys.argv[1:] if argv is None else argv,
         "quick": options.quick,
+        "kind": "quick" if options.quick else "partial" if options.partial else "full",
         "settings": dict(vars(options)),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1),
