@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from sessionscope import Database
+from sessionscope._unit import run_in_task
 
 from ._models import Child, Item
 from ._units import Boom, Rows, add, hold_first_commit, run_unit
@@ -614,6 +615,71 @@ async def test_cancelled_mid_commit_returns_the_connection(
     assert_clean(db)
     await run_unit(db, add("next"))
     assert rows() == ["next"]
+
+
+async def _interrupted_work(
+    caller: asyncio.Task[Any] | None,
+    log: list[str],
+    started: anyio.Event,
+    cleanup_started: anyio.Event,
+) -> None:
+    """Work that waits until it is cancelled, then runs an awaiting cleanup to its end."""
+    log.append("in a task of its own" if asyncio.current_task() is not caller else "inline")
+    try:
+        started.set()
+        await anyio.sleep_forever()
+    except asyncio.CancelledError:
+        log.append("cancelled")
+        cleanup_started.set()
+        await asyncio.sleep(0.2)
+        log.append("cleaned up")
+        raise
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["task.cancel", "cancel scope"])
+async def test_run_in_task_interrupts_the_work_once_and_waits_for_its_cleanup(how: str) -> None:
+    """A cancelled caller cancels the unit's end once; a second cancellation must not cut
+    the cleanup that follows, and the caller raises only once the cleanup is done.
+    """
+    log: list[str] = []
+    started, cleanup_started = anyio.Event(), anyio.Event()
+    scope = anyio.CancelScope()
+    outcome: list[str] = []
+
+    async def call() -> None:
+        me = asyncio.current_task()
+        try:
+            with scope:
+                await run_in_task(lambda: _interrupted_work(me, log, started, cleanup_started))
+            outcome.append("scope swallowed the cancellation")
+        except asyncio.CancelledError:
+            outcome.append(f"cancelled after {log[-1]!r}")
+            raise
+
+    with anyio.fail_after(5):
+        task = asyncio.ensure_future(call())
+        await started.wait()
+        (task.cancel if how == "task.cancel" else scope.cancel)()
+        await cleanup_started.wait()
+        task.cancel()  # a second cancellation, while the cleanup awaits
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert log == ["in a task of its own", "cancelled", "cleaned up"]
+    assert outcome == ["cancelled after 'cleaned up'"]
+
+
+@pytest.mark.anyio
+async def test_run_in_task_returns_the_result_and_raises_the_error_of_the_work() -> None:
+    async def answer() -> int:
+        return 42
+
+    async def fail() -> None:
+        raise Boom("from the work")
+
+    assert await run_in_task(answer) == 42
+    with pytest.raises(Boom, match="from the work"):
+        await run_in_task(fail)
 
 
 @pytest.mark.anyio

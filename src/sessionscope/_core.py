@@ -29,6 +29,7 @@ from ._unit import (
     rollback_session,
     run_callbacks_async,
     run_callbacks_sync,
+    run_in_task,
     run_to_completion,
 )
 
@@ -484,6 +485,10 @@ class Database(Generic[SessionT]):
         return None
 
     async def _finish_async(self, unit: Unit, commit: bool) -> BaseException | None:
+        """Commit or roll back, then remove, in a task of its own (see ``run_in_task``)."""
+        return await run_in_task(lambda: self._end_async(unit, commit))
+
+    async def _end_async(self, unit: Unit, commit: bool) -> BaseException | None:
         try:
             if commit:
                 return await self._settle_async(unit, commit=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
-__all__ = ["Binding", "Unit", "default_commit_on", "run_to_completion"]
+__all__ = ["Binding", "Unit", "default_commit_on", "run_in_task", "run_to_completion"]
 
 logger = logging.getLogger("sessionscope")
 
@@ -268,6 +269,38 @@ async def run_to_completion(work: Callable[[], Awaitable[T]]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+async def run_in_task(work: Callable[[], Awaitable[T]]) -> T:
+    """Await ``work()`` in a task of its own; a cancellation of the caller interrupts it once.
+
+    This is how a unit's COMMIT or ROLLBACK runs. The separate task, awaited through
+    ``asyncio.shield`` (the shape of SQLAlchemy's own ``async with session.begin()``), keeps
+    SQLAlchemy's asyncio pool fair under contention: a request that returned its connection
+    and went straight on to send its response let newly arrived requests take that
+    connection before the waiter it was handed to could, and the waiters it overtook then
+    waited hundreds of milliseconds while the pool opened and closed overflow connections
+    (benchmarks/, PostgreSQL with asyncpg, 32 clients on the default pool: 0.64x the
+    hand-written baseline with the COMMIT inline, 1.29x in a task of its own).
+
+    A cancellation of the caller (``Task.cancel()`` or an anyio cancel scope) is passed on
+    to the task, so a COMMIT stuck on a lock stops as it would have inline; the caller then
+    waits, shielded, for the task's own cleanup to finish, and raises the cancellation.
+    """
+    task = asyncio.ensure_future(work())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise
+        task.cancel()
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                # Its outcome no longer matters: the caller is cancelled, and the task logs
+                # its own failures.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(task)
+        raise
 
 
 def default_commit_on(status: int) -> bool:
