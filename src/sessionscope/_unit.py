@@ -59,12 +59,13 @@ class Binding:
 
     __slots__ = ("owner", "renewable", "unit")
 
-    def __init__(self, unit: Unit | None, owner: object) -> None:
+    def __init__(self, unit: Unit | None, owner: object, renewable: bool = False) -> None:
         self.unit = unit
         self.owner = owner
         # When true and ``unit`` is None, the next use of ``db.session`` opens a fresh unit
-        # (work after the response); nothing is created for requests that never need one.
-        self.renewable = False
+        # (the request's own, or work after the response); nothing is created for requests
+        # that never need one.
+        self.renewable = renewable
 
 
 def transaction_committed(root: SessionTransaction | None) -> bool:

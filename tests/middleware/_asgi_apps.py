@@ -109,6 +109,20 @@ def build_app(db: Database[Any], **options: Any) -> Starlette:
 
         return StreamingResponse(body())
 
+    async def stream_late(request: Request) -> Response:
+        # The session is first used by the body, once the start has gone out.
+        name = request.path_params["name"]
+        status = int(request.query_params.get("status", "200"))
+        units_before = db.live_units
+
+        async def body() -> AsyncIterator[bytes]:
+            yield f"units before:{units_before};".encode()
+            await insert(db, name)
+            yield f"units during:{db.live_units};".encode()
+            yield b"last"
+
+        return StreamingResponse(body(), status_code=status)
+
     async def stream_orphan(request: Request) -> Response:
         async def body() -> AsyncIterator[bytes]:
             yield b"first;"
@@ -147,6 +161,7 @@ def build_app(db: Database[Any], **options: Any) -> Starlette:
             Route("/veto/{name}", veto, methods=["POST"]),
             Route("/raw-sql/{name}", raw_sql, methods=["POST"]),
             Route("/stream/{name}", stream, methods=["POST"]),
+            Route("/stream-late/{name}", stream_late, methods=["POST"]),
             Route("/stream-orphan", stream_orphan, methods=["POST"]),
             Route("/background/{name}", background, methods=["POST"]),
             Route("/items", listing),

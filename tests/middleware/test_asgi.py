@@ -201,6 +201,41 @@ async def test_stream_reads_and_commits_its_writes(
     assert rows() == ["a", "a-streamed"]
 
 
+@pytest.mark.parametrize(("status", "stored"), [(200, True), (400, False)])
+async def test_stream_that_first_uses_the_session_in_its_body_is_settled_by_its_status(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]], status: int, stored: bool
+) -> None:
+    """A request's unit opens on the first use of db.session, here in the body after the
+    start went out; what the body wrote is committed or rolled back by the status.
+    """
+    db = make_db()
+    async with client(build_app(db)) as http:
+        response = await http.post(f"/stream-late/late?status={status}")
+    assert response.status_code == status
+    assert response.text == "units before:0;units during:1;last"
+    assert rows() == (["late"] if stored else [])
+
+
+async def test_disconnect_in_a_stream_that_opened_the_unit_rolls_it_back(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    db = make_db(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5})
+    exchange = Exchange()
+    seen: list[bytes] = []
+
+    async def on_send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            seen.append(message["body"])
+            if len(seen) == 2:  # the body has written: the client goes away
+                exchange.disconnect.set()
+                await anyio.sleep(0.01)
+
+    await call(build_app(db), "POST", "/stream-late/gone", exchange, on_send=on_send)
+    assert seen[1] == b"units during:1;"
+    assert not exchange.complete
+    assert rows() == []
+
+
 async def test_failed_commit_at_end_of_stream_withholds_the_last_chunk(
     make_db: DatabaseFactory, checker: sa.Engine
 ) -> None:
