@@ -56,9 +56,10 @@ def check_run(
         problems.append(f"GET /_stats failed after the run: {stats['error']}")
     else:
         problems += [f"{key}={value} after {waited:.1f} s" for key, value in stats.items() if value]
-    idle = backend.idle_in_transaction(engine)
+    # Only this server's connections: a wedged variant stopped late must not be counted here.
+    idle = backend.idle_in_transaction(engine, server.tcp_ports() if server.alive() else None)
     if idle:
-        problems.append(f"{idle} PostgreSQL backend(s) idle in transaction")
+        problems.append(f"{idle} PostgreSQL backend(s) of this server idle in transaction")
     result: dict[str, Any] = {"stats": stats, "drain_s": round(waited, 3), "idle_in_tx": idle}
     if workload in ("write", "mix"):
         written = backend.written_ids(engine)

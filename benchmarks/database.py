@@ -91,21 +91,26 @@ class Backend:
                 or 0
             )
 
-    def idle_in_transaction(self, engine: Engine) -> int:
-        """PostgreSQL backends of our database left ``idle in transaction`` (0 on SQLite)."""
+    def idle_in_transaction(self, engine: Engine, client_ports: set[int] | None = None) -> int:
+        """PostgreSQL backends of our database left ``idle in transaction`` (0 on SQLite).
+
+        With ``client_ports``, only the backends serving connections from those local ports
+        count: one server's, not those of another variant left running or wedged.
+        """
         if self.name != "postgresql":
             return 0
         with engine.connect() as connection:
-            return int(
-                connection.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = :name"
-                        " AND state LIKE 'idle in transaction%'"
-                    ),
-                    {"name": PG_DATABASE},
-                )
-                or 0
+            found = connection.execute(
+                text(
+                    "SELECT client_port FROM pg_stat_activity WHERE datname = :name"
+                    " AND state LIKE 'idle in transaction%'"
+                ),
+                {"name": PG_DATABASE},
             )
+            ports = [port for (port,) in found]
+        if client_ports is not None:
+            ports = [port for port in ports if port in client_ports]
+        return len(ports)
 
     def reset(self, engine: Engine) -> None:
         """Delete what runs wrote, so every run starts from the seeded table."""

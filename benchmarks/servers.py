@@ -77,6 +77,10 @@ class ServerProcess:
             return tree_cpu_seconds(self.pid)
         return cpu_seconds(self.pid)
 
+    def tcp_ports(self) -> set[int]:
+        """Local ports of the server's TCP sockets (its database connections among them)."""
+        return local_tcp_ports([self.pid, *descendants(self.pid)])
+
     def rss_bytes(self) -> int:
         """Resident memory of the serving process: uvicorn's, or gunicorn's worker(s)."""
         if self.variant.server == "gunicorn":
@@ -246,6 +250,32 @@ def descendants(pid: int) -> list[int]:
         found += children
         queue += children
     return found
+
+
+def local_tcp_ports(pids: list[int]) -> set[int]:
+    """Local ports of the TCP sockets the processes ``pids`` hold open (IPv4 and IPv6).
+
+    A socket's inode, seen in ``/proc/<pid>/fd``, is matched with its line in
+    ``/proc/net/tcp``; on the client side of a database connection the local port is what
+    PostgreSQL reports as ``client_port``.
+    """
+    inodes: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(entry.path)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines, None)  # the header
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def cpu_seconds(pid: int) -> float:
