@@ -277,12 +277,11 @@ async def run_in_task(work: Callable[[], Awaitable[T]]) -> T:
 
     This is how a unit's COMMIT or ROLLBACK runs. The separate task, awaited through
     ``asyncio.shield`` (the shape of SQLAlchemy's own ``async with session.begin()``), keeps
-    SQLAlchemy's asyncio pool fair under contention: a request that returned its connection
-    and went straight on to send its response let newly arrived requests take that
-    connection before the waiter it was handed to could, and the waiters it overtook then
-    waited hundreds of milliseconds while the pool opened and closed overflow connections
+    SQLAlchemy's asyncio pool fair under contention. With the COMMIT inline, newly arrived
+    requests took returned connections without waiting while earlier waiters waited
+    hundreds of milliseconds, and the pool opened and closed overflow connections
     (benchmarks/, PostgreSQL with asyncpg, 32 clients on the default pool, reads: 0.69x the
-    hand-written baseline with the COMMIT inline, 1.01-1.23x in a task of its own).
+    hand-written baseline inline, 1.01-1.23x in a task of its own).
 
     A cancellation of the caller (``Task.cancel()`` or an anyio cancel scope) is passed on
     to the task, so a COMMIT stuck on a lock stops as it would have inline; the caller then
