@@ -469,6 +469,10 @@ class Database(Generic[SessionT]):
     # -- ending a unit (async) ----------------------------------------------------------
 
     async def _settle_async(self, unit: Unit, commit: bool) -> BaseException | None:
+        """Commit or roll back, keeping the session, in a task of its own (``run_in_task``)."""
+        return await run_in_task(lambda: self._settle_async_here(unit, commit))
+
+    async def _settle_async_here(self, unit: Unit, commit: bool) -> BaseException | None:
         session = self._session_of(unit)
         if session is None or not session.in_transaction():
             return None
@@ -491,7 +495,7 @@ class Database(Generic[SessionT]):
     async def _end_async(self, unit: Unit, commit: bool) -> BaseException | None:
         try:
             if commit:
-                return await self._settle_async(unit, commit=True)
+                return await self._settle_async_here(unit, commit=True)
             return None
         finally:
             await self._remove_async(unit)

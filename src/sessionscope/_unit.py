@@ -169,13 +169,6 @@ def close_session(session: Session) -> None:
         discard_connections(root)
 
 
-def _on_root(
-    _: Session, action: Callable[[SessionTransaction | None], None], root: SessionTransaction | None
-) -> None:
-    """Run ``action(root)`` from ``AsyncSession.run_sync``, where the driver can be awaited."""
-    action(root)
-
-
 # How long the close of an AsyncSession waits for another task still inside it (SQLAlchemy's
 # default pool timeout: that task may be waiting for a connection).
 CLOSE_WAIT = 30.0
@@ -193,7 +186,7 @@ async def close_async_session(session: AsyncSession) -> None:
     while True:
         root = session.sync_session.get_transaction()
         try:
-            await session.run_sync(_on_root, reset_failed_connections, root)
+            await session.run_sync(lambda _, root: reset_failed_connections(root), root)
             await session.close()
         except IllegalStateChangeError:
             now = time.monotonic()
@@ -210,7 +203,7 @@ async def close_async_session(session: AsyncSession) -> None:
             await asyncio.sleep(0.005)
         except Exception:
             logger.warning("Closing the session failed", exc_info=True)
-            await session.run_sync(_on_root, discard_connections, root)
+            await session.run_sync(lambda _, root: discard_connections(root), root)
             return
         else:
             return

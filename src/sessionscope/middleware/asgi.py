@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from .._threads import run_blocking
 from .._types import ASGIApp, Message, Receive, Scope, Send
-from .._unit import Binding, Unit, default_commit_on, run_in_task
+from .._unit import Binding, Unit, default_commit_on
 
 if TYPE_CHECKING:
     from .._core import Database
@@ -254,7 +254,7 @@ class SessionMiddleware:
         if not db.in_transaction(unit):
             return None
         if db.is_async:
-            return await run_in_task(lambda: db._settle_async(unit, commit))
+            return await db._settle_async(unit, commit)
         if self._may_run_inline(unit):
             return db._settle_sync(unit, commit)
         return await run_blocking(db._settle_sync, unit, commit)
