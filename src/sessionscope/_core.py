@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.util import ScopedRegistry
 from typing_extensions import TypeVar
 
 from . import _config
@@ -252,6 +253,7 @@ class Database(Generic[SessionT]):
                 registry = async_scoped_session(factory, scopefunc=self._scopefunc)
             else:
                 registry = scoped_session(factory, scopefunc=self._scopefunc)
+            registry.registry = _UnitRegistry(self, registry.registry.createfunc)
             self._async = isinstance(registry, async_scoped_session)
             self._registry = registry
             return registry
@@ -352,16 +354,17 @@ class Database(Generic[SessionT]):
 
     def _take_session(self, unit: Unit) -> Session | AsyncSession | None:
         """End ``unit`` and take its session out of the registry (exactly once)."""
-        if unit.closed:
-            return None
-        unit.closed = True
-        self._units.discard(unit)
-        registry = self._registry
-        if registry is None:
-            return None
-        session: Session | AsyncSession | None
-        session = registry.registry.registry.pop(unit.key, None)
-        return session
+        with self._setup_lock:  # atomic with the registry's insert (see _UnitRegistry)
+            if unit.closed:
+                return None
+            unit.closed = True
+            self._units.discard(unit)
+            registry = self._registry
+            if registry is None:
+                return None
+            session: Session | AsyncSession | None
+            session = registry.registry.registry.pop(unit.key, None)
+            return session
 
     def in_transaction(self, unit: Unit) -> bool:
         """Whether ``unit`` has a session with a transaction to end (no I/O, no creation)."""
@@ -537,3 +540,41 @@ class Database(Generic[SessionT]):
             await self._engine.dispose()
         else:
             self._engine.dispose()
+
+
+class _UnitRegistry(ScopedRegistry[Any]):
+    """The scoped registry's store: a session per live unit, never one for a unit that ended.
+
+    SQLAlchemy's registry builds a missing session and then stores it, in two steps. A
+    thread that makes a unit's first ``db.session`` call as the request ends could store
+    its session after the unit was removed: an orphan that no one closes, holding its
+    connection. Here the store happens under the database's lock, which ``_take_session``
+    also holds when it ends a unit, so a session is stored only while its unit is live.
+    """
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database[Any], createfunc: Callable[[], Any]) -> None:
+        super().__init__(createfunc, db._scopefunc)
+        self._db = db
+
+    def __call__(self) -> Any:
+        db = self._db
+        unit = db._current()
+        try:
+            return self.registry[unit.key]
+        except KeyError:
+            pass
+        return self._store(unit, self.createfunc())
+
+    def set(self, obj: Any) -> None:
+        self._store(self._db._current(), obj)
+
+    def _store(self, unit: Unit, session: Any) -> Any:
+        db = self._db
+        with db._setup_lock:
+            if not unit.closed:
+                return self.registry.setdefault(unit.key, session)
+        # The unit ended while the session was being built: it never had a connection.
+        close_session(session.sync_session if isinstance(session, AsyncSession) else session)
+        db._raise_no_unit(db._binding.get())

@@ -171,3 +171,16 @@ def build_app(db: Database[Any], **options: Any) -> Starlette:
     )
     app.add_middleware(SessionMiddleware, db=db, **options)
     return app
+
+
+def with_route(db: Database[Any], path: str, endpoint: Any, **options: Any) -> Any:
+    """``build_app`` with one more endpoint, matched first."""
+    app = build_app(db, **options)
+    app.router.routes.insert(0, Route(path, endpoint, methods=["GET", "POST"]))
+    return app
+
+
+def nothing_left(db: Database[Any]) -> tuple[int, int, int]:
+    """Live units, sessions in the registry, connections checked out: all 0 when clean."""
+    pool = db.sync_engine.pool
+    return db.live_units, db.live_sessions, pool.checkedout()  # type: ignore[attr-defined]

@@ -1,0 +1,105 @@
+"""SessionMiddleware with threads the request starts and that outlive it.
+
+Each case ends with the ``make_db`` fixture's check: pool back to 0 checked out, no live
+unit, an empty registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from sessionscope import Database
+
+from ..conftest import DatabaseFactory, backend_params
+from ._asgi_apps import nothing_left, with_route
+from ._driver import call
+
+pytestmark = pytest.mark.anyio
+
+SQLITE_SYNC = backend_params(backends=["sqlite"], modes=["sync"])
+
+
+@pytest.mark.parametrize("backend", SQLITE_SYNC, indirect=True)
+async def test_thread_whose_first_use_straddles_the_end_of_the_request(
+    make_db: DatabaseFactory,
+) -> None:
+    """A thread the request started makes the request's first 'db.session' call, and the
+    request ends while its session is being built: the thread gets the clear "already
+    finished" error, and no session or connection is left behind.
+    """
+    in_thread = threading.local()
+    building = threading.Event()
+    proceed = threading.Event()
+
+    class SlowToBuild(Session):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if getattr(in_thread, "slow", False):
+                building.set()
+                proceed.wait(5)
+            super().__init__(*args, **kwargs)
+
+    db: Database[Session] = make_db(session_options={"class_": SlowToBuild})
+    outcome: list[object] = []
+
+    def work() -> None:
+        in_thread.slow = True
+        try:
+            outcome.append(db.session.execute(sa.text("SELECT 1")).scalar())
+        except RuntimeError as error:
+            outcome.append(error)
+
+    workers: list[asyncio.Future[None]] = []
+
+    async def endpoint(request: Request) -> Response:
+        workers.append(asyncio.ensure_future(asyncio.to_thread(work)))
+        await anyio.to_thread.run_sync(building.wait)
+        return PlainTextResponse("ok")
+
+    app = with_route(db, "/straddle", endpoint)
+    assert (await call(app, "GET", "/straddle")).status == 200
+    proceed.set()
+    await workers[0]
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], RuntimeError)
+    assert "already finished" in str(outcome[0])
+    assert nothing_left(db) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("backend", SQLITE_SYNC, indirect=True)
+async def test_thread_opening_the_unit_as_the_request_ends_leaves_no_unit(
+    make_db: DatabaseFactory,
+) -> None:
+    """Many requests whose thread makes the first 'db.session' call just as the request
+    returns: whichever comes first, the unit is removed, never left open.
+    """
+    db: Database[Session] = make_db()
+    failures: list[BaseException] = []
+    workers: list[asyncio.Future[None]] = []
+
+    def work() -> None:
+        try:
+            db.session.execute(sa.text("SELECT 1"))
+        except RuntimeError as error:
+            assert "already finished" in str(error)  # noqa: PT017 - re-raised below
+        except BaseException as error:  # pragma: no cover - reported by the assert below
+            failures.append(error)
+
+    async def endpoint(request: Request) -> Response:
+        workers.append(asyncio.ensure_future(asyncio.to_thread(work)))
+        return PlainTextResponse("ok")
+
+    app = with_route(db, "/race", endpoint)
+    for _ in range(200):
+        assert (await call(app, "GET", "/race")).status == 200
+    await asyncio.gather(*workers)
+    assert failures == []
+    assert nothing_left(db) == (0, 0, 0)
