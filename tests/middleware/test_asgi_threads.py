@@ -103,3 +103,47 @@ async def test_thread_opening_the_unit_as_the_request_ends_leaves_no_unit(
     await asyncio.gather(*workers)
     assert failures == []
     assert nothing_left(db) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("backend", SQLITE_SYNC, indirect=True)
+async def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
+    make_db: DatabaseFactory,
+) -> None:
+    """A thread is inside the opening of the request's unit when the app returns: the
+    middleware waits for it and removes the unit it opened, instead of missing it. (The
+    thread only asks for the session: using it while the request ends is a race of the
+    app's own.)
+    """
+    db: Database[Session] = make_db()
+    opening = threading.Event()
+    open_unit = db._open_unit
+    in_thread = threading.local()
+
+    def slow_open_unit() -> Any:
+        if getattr(in_thread, "slow", False):
+            opening.set()
+            threading.Event().wait(0.2)  # the loop reaches the end of the request meanwhile
+        return open_unit()
+
+    db._open_unit = slow_open_unit  # type: ignore[method-assign]
+    outcome: list[object] = []
+
+    def work() -> None:
+        in_thread.slow = True
+        try:
+            outcome.append(db.session())
+        except RuntimeError as error:
+            outcome.append(error)
+
+    workers: list[asyncio.Future[None]] = []
+
+    async def endpoint(request: Request) -> Response:
+        workers.append(asyncio.ensure_future(asyncio.to_thread(work)))
+        await anyio.to_thread.run_sync(opening.wait)
+        return PlainTextResponse("ok")
+
+    app = with_route(db, "/opening", endpoint)
+    assert (await call(app, "GET", "/opening")).status == 200
+    await workers[0]
+    assert len(outcome) == 1
+    assert nothing_left(db) == (0, 0, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,8 +31,8 @@ _FAILURE_START: Message = {
 }
 
 # Where a response is: nothing sent yet; start held back until the first body message;
-# streaming (start forwarded); done (the final body forwarded); replaced (our 500 was sent
-# instead of the app's response).
+# streaming (start forwarded); done (the final body forwarded, or dropped after our 500);
+# replaced (our 500 was sent instead of the app's response, whose body is still running).
 _BEFORE, _HELD, _STREAMING, _DONE, _REPLACED = range(5)
 
 
@@ -42,10 +42,11 @@ class SessionMiddleware:
     Inside a request ``db.session`` is the request's session, created on first use (a
     request that never touches it costs no session and no connection). When the app sends
     ``http.response.start``, the middleware holds the message back until the first body
-    message, then commits if ``commit_on(status)`` is true (default: below 400) and nothing
-    vetoed it, otherwise rolls back; only then does the status reach the server. If the
-    commit fails the client gets a 500 (or what ``on_commit_error`` returns) instead of the
-    app's response, and the app's later messages are dropped.
+    message; then, if the request used the session, it commits if ``commit_on(status)`` is
+    true (default: below 400) and nothing vetoed it, otherwise rolls back; only then does
+    the status reach the server. If the commit fails the client gets a 500 (or what
+    ``on_commit_error`` returns) instead of the app's response; the app's later messages
+    are dropped and what its body writes meanwhile is rolled back.
 
     Streaming bodies: the session stays usable while the body streams; writes made during
     the stream are committed (or rolled back, by the same status decision) before the final
@@ -102,113 +103,52 @@ class SessionMiddleware:
         if scope["type"] != "http":
             await self._other(scope, receive, send)
             return
-        # The HTTP path is the hot path: it is written out here, with few calls, because a
-        # request that never touches the session should pay close to nothing for it. Its
-        # unit is opened by the first use of 'db.session' (the binding is renewable), so
-        # such a request opens none. (A helper closure for the end of the response
-        # measured about 1 us more per request.)
+        # The HTTP path is the hot path: a request that never touches the session should
+        # pay close to nothing for it. One object is its binding (db.session finds it in
+        # the ContextVar, and opens the request's unit through it on first use) and its
+        # send wrapper; a request that never uses the session opens no unit.
         db = self.db
         binding_var = db._binding
         outer = binding_var.get()
         if outer is not None:
             self._refuse_nesting(outer)
-        binding = Binding(None, self, renewable=True)
-        token = binding_var.set(binding)
-        state = _BEFORE
-        held: Message | None = None
-        status = 0
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal state, held, status
-            if state == _DONE:
-                await send(message)
-                return
-            if state == _REPLACED:
-                return  # our 500 replaced the app's response: drop the rest of it
-            kind = message["type"]
-            if state == _BEFORE:
-                if kind != "http.response.start":
-                    await send(message)
-                    return
-                held = message
-                state = _HELD
-                return
-            final = kind == "http.response.pathsend" or (
-                kind == "http.response.body" and not message.get("more_body", False)
-            )
-            unit = binding.unit
-            if state == _HELD:
-                assert held is not None
-                start, held = held, None
-                if unit is None:
-                    # The request has not used the session: nothing to settle. From here
-                    # on a first use of db.session opens a unit (a stream's, or after the
-                    # final message a background task's).
-                    await send(start)
-                    if final:
-                        state = _DONE
-                    else:
-                        status = start["status"]
-                        state = _STREAMING
-                    await send(message)
-                    return
-                commit = self.commit_on(start["status"])
-                if final:
-                    error = await self._finish(unit, commit)
-                else:
-                    error = await self._settle(unit, commit)
-                if error is not None:
-                    state = _REPLACED
-                    await self._finish(unit, commit=False)
-                    binding.unit = None
-                    await self._send_failure(error, scope, receive, send)
-                    return
-                await send(start)
-                if final:
-                    state = _DONE
-                    binding.unit = None
-                else:
-                    status = start["status"]
-                    state = _STREAMING
-                await send(message)
-                return
-            # Streaming: commit what the stream wrote before its final chunk leaves.
-            if final:
-                state = _DONE
-                if unit is not None:
-                    error = await self._finish(unit, self.commit_on(status))
-                    binding.unit = None
-                    if error is not None:
-                        # Too late for a 500: withhold the last chunk so the response is
-                        # visibly incomplete, and let the server abort the connection.
-                        raise error
-            await send(message)
-
+        exchange = _Exchange(self, scope, receive, send)
+        token = binding_var.set(exchange)
         failed = False
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, exchange.send)
         except BaseException:
             failed = True
             raise
         finally:
-            if not failed and state == _HELD and held is not None:
-                # The app returned after a start with no body: let the server see what the
-                # app sent, but commit nothing of such a response.
-                await send(held)
-            # The unit still bound is the request's if its response never completed (an
-            # error, a disconnect, a cancellation: nothing of it is committed), else the
-            # one work after the response opened (committed unless the app raised).
-            unit = binding.unit
-            binding.unit = None
-            binding.renewable = False
-            if unit is not None and not unit.closed:
-                done = state in (_DONE, _REPLACED)
-                with anyio.CancelScope(shield=True):
-                    await self._finish(unit, commit=done and not failed)
+            state = exchange.state
+            # From here on no unit opens through this binding. A thread may be opening one
+            # right now, under the database's lock: wait for it, so that its unit is seen
+            # below. (Checked, not taken, in the common case: taking it cost ~0.3 us.)
+            exchange.renewable = False
+            if db._setup_lock.locked():
+                with db._setup_lock:
+                    pass
+            unit = exchange.unit
+            exchange.unit = None
             try:
-                binding_var.reset(token)
-            except ValueError:
-                db._unbind(token)
+                # The unit still bound is the request's if its response never completed (an
+                # error, a disconnect, a cancellation, a replaced response: nothing of it is
+                # committed), else the one work after the response opened (committed
+                # unless the app raised).
+                if unit is not None and not unit.closed:
+                    with anyio.CancelScope(shield=True):
+                        await self._finish(unit, commit=state == _DONE and not failed)
+                held = exchange.held
+                if not failed and state == _HELD and held is not None:
+                    # The app returned after a start with no body: let the server see what
+                    # it sent, now that nothing of it is committed.
+                    await send(held)
+            finally:
+                try:
+                    binding_var.reset(token)
+                except ValueError:
+                    db._unbind(token)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -219,12 +159,18 @@ class SessionMiddleware:
         else:
             await self.app(scope, receive, send)
 
-    def _refuse_nesting(self, outer: Binding | None) -> None:
-        if (
-            outer is not None
-            and isinstance(outer.owner, SessionMiddleware)
-            and (outer.renewable or (outer.unit is not None and not outer.unit.closed))
-        ):
+    def _refuse_nesting(self, outer: Binding) -> None:
+        if isinstance(outer, _Exchange):
+            # A request still being answered; once its response is complete, work after it
+            # may call the app in-process (an internal sub-request) with units of its own.
+            handling = outer.state != _DONE
+        else:  # a websocket's binding, live while its unit is
+            handling = (
+                isinstance(outer.owner, SessionMiddleware)
+                and outer.unit is not None
+                and not outer.unit.closed
+            )
+        if handling:
             raise RuntimeError(
                 f"A 'SessionMiddleware' for {self.db!r} is already handling this request:"
                 " the middleware is installed twice for one database. Keep one (for"
@@ -263,10 +209,7 @@ class SessionMiddleware:
         """Commit or roll back, then remove the unit's session: exactly once."""
         db = self.db
         session = db._session_of(unit)
-        if session is None:
-            db._take_session(unit)
-            return None
-        if not session.in_transaction():
+        if session is None or not session.in_transaction():
             # Nothing to commit and nothing on the wire: closing is pure bookkeeping.
             await self._remove(unit)
             return None
@@ -308,7 +251,9 @@ class SessionMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         db = self.db
-        self._refuse_nesting(db._binding.get())
+        outer = db._binding.get()
+        if outer is not None:
+            self._refuse_nesting(outer)
         unit = db._open_unit()
         binding = Binding(unit, owner=self)
         token = db._bind(binding)
@@ -331,3 +276,139 @@ class SessionMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+
+class _Exchange(Binding):
+    """One HTTP request under the middleware: its binding, and the ``send`` its app gets.
+
+    While the request has no unit (it has not used ``db.session``, or its unit is settled)
+    a message goes straight to the server: ``send`` is a plain function that hands back the
+    server's own awaitable, so such a response costs no coroutine of the middleware's.
+    Otherwise the start is held back until the first body message and the unit is settled
+    before it leaves (``_settle_and_send``).
+    """
+
+    __slots__ = ("_server_send", "held", "receive", "scope", "state", "status")
+
+    owner: SessionMiddleware
+
+    def __init__(
+        self, middleware: SessionMiddleware, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        # Binding's fields set here rather than through its __init__: one call less per
+        # request on the hot path.
+        self.unit = None
+        self.owner = middleware
+        self.renewable = True
+        self.scope = scope
+        self.receive = receive
+        self._server_send = send
+        self.state = _BEFORE
+        self.held: Message | None = None
+        self.status = 0
+
+    def send(self, message: Message) -> Awaitable[None]:
+        state = self.state
+        if state == _DONE:
+            return self._server_send(message)
+        if state == _BEFORE:
+            if message["type"] != "http.response.start":
+                return self._server_send(message)
+            # Held until the first body message: a unit that the body opens before its
+            # first chunk is still settled before the status leaves.
+            self.held = message
+            self.state = _HELD
+            return _ALREADY_DONE
+        if self.unit is None:
+            if state == _HELD:
+                return self._release(message)
+            if state == _STREAMING:
+                if _is_final(message):
+                    self.state = _DONE
+                return self._server_send(message)
+        return self._settle_and_send(message)
+
+    async def _release(self, message: Message) -> None:
+        """Nothing to settle: let the held start out, then ``message``."""
+        start, self.held = self.held, None
+        assert start is not None
+        if _is_final(message):
+            self.state = _DONE
+        else:
+            # A unit that the stream opens from here on is settled by this status.
+            self.status = start["status"]
+            self.state = _STREAMING
+        await self._server_send(start)
+        await self._server_send(message)
+
+    async def _settle_and_send(self, message: Message) -> None:
+        state = self.state
+        middleware = self.owner
+        final = _is_final(message)
+        unit = self.unit
+        if state == _REPLACED:
+            # Our 500 replaced the app's response: drop the rest of it, and roll back what
+            # its body wrote meanwhile. Work after its final message is not part of it.
+            if final:
+                self.state = _DONE
+                if unit is not None:
+                    self.unit = None
+                    await middleware._finish(unit, commit=False)
+            return
+        send = self._server_send
+        if state == _HELD:
+            # The unit was open when the start came: settle it, then let the start out.
+            start, self.held = self.held, None
+            assert start is not None
+            assert unit is not None
+            commit = middleware.commit_on(start["status"])
+            if final:
+                error = await middleware._finish(unit, commit)
+            else:
+                error = await middleware._settle(unit, commit)
+            if error is not None:
+                self.state = _DONE if final else _REPLACED
+                await middleware._finish(unit, commit=False)
+                self.unit = None
+                await middleware._send_failure(error, self.scope, self.receive, send)
+                return
+            await send(start)
+            if final:
+                self.state = _DONE
+                self.unit = None
+            else:
+                self.status = start["status"]
+                self.state = _STREAMING
+            await send(message)
+            return
+        # Streaming: commit what the stream wrote before its final chunk leaves.
+        if final:
+            self.state = _DONE
+            if unit is not None:
+                error = await middleware._finish(unit, middleware.commit_on(self.status))
+                self.unit = None
+                if error is not None:
+                    # Too late for a 500: withhold the last chunk so the response is
+                    # visibly incomplete, and let the server abort the connection.
+                    raise error
+        await send(message)
+
+
+def _is_final(message: Message) -> bool:
+    kind = message["type"]
+    if kind == "http.response.body" or kind == "http.response.zerocopysend":
+        return not message.get("more_body", False)
+    return bool(kind == "http.response.pathsend")
+
+
+class _AlreadyDone:
+    """An awaitable that completes at once: what ``send`` returns for a message it holds."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator function: awaiting it finishes without suspending
+
+
+_ALREADY_DONE = _AlreadyDone()

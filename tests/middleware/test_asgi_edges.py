@@ -1,0 +1,176 @@
+"""SessionMiddleware at the edges of a response: replaced by a 500, or a start alone.
+
+Each case ends with the ``make_db`` fixture's check: pool back to 0 checked out, no live
+unit, an empty registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import pytest
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+
+from sessionscope import SessionMiddleware
+from sessionscope._types import Message, Receive, Scope, Send
+
+from .._models import Child
+from ..conftest import DatabaseFactory, backend_params
+from ._asgi_apps import insert, nothing_left, with_route
+from ._driver import call, http_scope
+
+pytestmark = pytest.mark.anyio
+
+SQLITE = backend_params(backends=["sqlite"])
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_stream_writes_after_a_failed_commit_are_rolled_back(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """The commit at the start fails and the client gets a 500; the body the app still
+    runs is part of that failed response, so what it writes is rolled back too.
+    """
+    db = make_db()
+
+    async def endpoint(request: Request) -> Response:
+        db.session.add(Child(parent_id=999_999))  # no such parent: refused at COMMIT
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first;"
+            await insert(db, "after-500")
+            yield b"last"
+
+        return StreamingResponse(body())
+
+    exchange = await call(with_route(db, "/stream-fail", endpoint), "POST", "/stream-fail")
+    assert exchange.status == 500
+    assert exchange.body == b"Internal Server Error"
+    assert rows() == []
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_background_work_after_a_failed_commit_still_gets_its_own_unit(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """Work after the response is not part of it: after the 500 it is committed as usual."""
+    db = make_db()
+
+    async def endpoint(request: Request) -> Response:
+        db.session.add(Child(parent_id=999_999))
+        return PlainTextResponse("ok", background=BackgroundTask(insert, db, "background"))
+
+    exchange = await call(with_route(db, "/fail-then-work", endpoint), "POST", "/fail-then-work")
+    assert exchange.status == 500
+    assert rows() == ["background"]
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_stream_that_writes_before_its_first_chunk_gets_a_500_if_that_fails(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """The start waits for the first chunk, so writes made before it are settled while a
+    clean 500 can still replace the response.
+    """
+    db = make_db()
+
+    async def endpoint(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            db.session.add(Child(parent_id=999_999))
+            yield b"first;"
+            yield b"last"
+
+        return StreamingResponse(body())
+
+    exchange = await call(with_route(db, "/stream-early", endpoint), "POST", "/stream-early")
+    assert exchange.status == 500
+    assert exchange.complete
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+@pytest.mark.parametrize("how", ["raises", "cancelled"])
+async def test_start_only_response_whose_send_fails_leaves_nothing(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]], how: str
+) -> None:
+    """The app wrote, sent a start with no body and returned; forwarding that start can
+    fail (the client is gone) or be cancelled: the unit is rolled back and removed anyway.
+    """
+    db = make_db()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await insert(db, "start-only")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if how == "raises":
+            raise OSError("the client went away")
+        await anyio.sleep(10)
+
+    middleware = SessionMiddleware(app, db=db)
+    if how == "raises":
+        with pytest.raises(OSError, match="went away"):
+            await middleware(http_scope("POST", "/"), receive, send)
+    else:
+        with anyio.move_on_after(0.2) as scope:
+            await middleware(http_scope("POST", "/"), receive, send)
+        assert scope.cancelled_caught
+    assert nothing_left(db) == (0, 0, 0)
+    assert rows() == []
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_work_after_the_response_may_call_the_app_in_process(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """Once the response is complete the request is no longer being handled: a background
+    task that calls the same app (an internal sub-request) is not mistaken for the
+    middleware installed twice, and each call keeps its own unit.
+    """
+    db = make_db()
+    inner: list[int | None] = []
+
+    async def sub_request() -> None:
+        inner.append((await call(app, "POST", "/items/inner")).status)
+
+    async def endpoint(request: Request) -> Response:
+        await insert(db, "outer")
+        return PlainTextResponse("ok", background=BackgroundTask(sub_request))
+
+    app = with_route(db, "/outer", endpoint)
+    assert (await call(app, "POST", "/outer")).status == 200
+    assert inner == [200]
+    assert sorted(rows()) == ["inner", "outer"]
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_a_final_zerocopysend_completes_the_response(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """The zero-copy send extension's last message ends the response like a final body:
+    the request's writes are committed, and work after it gets a unit of its own.
+    """
+    db = make_db()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await insert(db, "request")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.zerocopysend", "file": 0, "more_body": False})
+        await insert(db, "after")
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await SessionMiddleware(app, db=db)(http_scope("GET", "/"), receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.zerocopysend"]
+    assert sorted(rows()) == ["after", "request"]
