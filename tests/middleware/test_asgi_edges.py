@@ -6,6 +6,7 @@ unit, an empty registry.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -174,3 +175,35 @@ async def test_a_final_zerocopysend_completes_the_response(
     await SessionMiddleware(app, db=db)(http_scope("GET", "/"), receive, send)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.zerocopysend"]
     assert sorted(rows()) == ["after", "request"]
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_the_binding_keeps_nothing_of_the_request_alive(make_db: DatabaseFactory) -> None:
+    """Every callback scheduled during a request holds a copy of its context, and so the
+    binding, until it runs: the binding must not reach the scope, receive or send (under
+    256 connections that made the garbage collector run three times as often).
+    """
+    db = make_db()
+    seen: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        binding = db._binding.get()
+        seen.extend(gc.get_referents(binding))
+        for referent in gc.get_referents(binding):
+            seen.extend(gc.get_referents(referent))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = http_scope("GET", "/")
+    await SessionMiddleware(app, db=db)(scope, receive, send)
+    assert len(sent) == 2
+    assert seen  # the binding's own fields were seen
+    assert not [r for r in seen if r is scope or r is receive or r is send or r is sent]
