@@ -104,9 +104,10 @@ class SessionMiddleware:
             await self._other(scope, receive, send)
             return
         # The HTTP path is the hot path: a request that never touches the session should
-        # pay close to nothing for it. One object is its binding (db.session finds it in
-        # the ContextVar, and opens the request's unit through it on first use) and its
-        # send wrapper; a request that never uses the session opens no unit.
+        # pay close to nothing for it. Its binding (db.session finds it in the ContextVar,
+        # and opens the request's unit through it on first use) and the exchange that
+        # wraps its send are made here; a request that never uses the session opens no
+        # unit.
         db = self.db
         binding_var = db._binding
         outer = binding_var.get()
