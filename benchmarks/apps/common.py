@@ -19,6 +19,7 @@ project's.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -81,12 +82,32 @@ async def noop(request: Request) -> JSONResponse:
 
 
 def stats_route(stats: StatsFn) -> Route:
-    """``GET /_stats`` for the harness's leak checks."""
+    """``GET /_stats`` for the harness's leak checks.
+
+    Besides the variant's own figures it reports the requests still running in the server:
+    after wrk stops, requests that wait on the loop or for a worker thread hold no
+    connection yet, so a pool at 0 alone would let the checks run before they have done
+    their work (and the next run's table would start with their rows).
+    """
 
     async def endpoint(request: Request) -> JSONResponse:
-        return JSONResponse(stats(request))
+        return JSONResponse({**stats(request), "requests_in_flight": _requests_in_flight()})
 
     return Route("/_stats", endpoint)
+
+
+def _requests_in_flight() -> int:
+    """Other HTTP requests uvicorn is running: it runs each in a task of its own.
+
+    This very request is one of them, whether its endpoint runs in that task or in a child
+    task (a peer's ``BaseHTTPMiddleware`` runs the app in a task group).
+    """
+    requests = sum(
+        1
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").endswith("RequestResponseCycle.run_asgi")
+    )
+    return max(0, requests - 1)
 
 
 def managed_routes(get_session: Callable[[Request], Any], mode: str, stats: StatsFn) -> list[Route]:
