@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
+from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
-from sessionscope import SessionMiddleware
+from sessionscope import Database, SessionMiddleware
 from sessionscope._types import Message, Receive, Scope, Send
 
-from .._models import Child
+from .._models import Child, Item
 from ..conftest import DatabaseFactory, backend_params
 from ._asgi_apps import insert, nothing_left, with_route
 from ._driver import call, http_scope
@@ -26,6 +27,7 @@ from ._driver import call, http_scope
 pytestmark = pytest.mark.anyio
 
 SQLITE = backend_params(backends=["sqlite"])
+SQLITE_SYNC = backend_params(backends=["sqlite"], modes=["sync"])
 
 
 @pytest.mark.parametrize("backend", SQLITE, indirect=True)
@@ -207,3 +209,50 @@ async def test_the_binding_keeps_nothing_of_the_request_alive(make_db: DatabaseF
     assert len(sent) == 2
     assert seen  # the binding's own fields were seen
     assert not [r for r in seen if r is scope or r is receive or r is send or r is sent]
+
+
+@pytest.mark.parametrize("backend", SQLITE, indirect=True)
+async def test_stream_that_never_uses_the_session_passes_through_whole(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """No unit to settle: every chunk reaches the server in order, and work after the
+    final chunk gets a unit of its own, committed.
+    """
+    db = make_db()
+
+    async def endpoint(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a;"
+            yield b"b;"
+            yield b"c"
+
+        return StreamingResponse(body(), background=BackgroundTask(insert, db, "after"))
+
+    exchange = await call(with_route(db, "/plain-stream", endpoint), "GET", "/plain-stream")
+    assert exchange.status == 200
+    assert exchange.body == b"a;b;c"
+    assert exchange.complete
+    assert rows() == ["after"]
+
+
+@pytest.mark.parametrize("backend", SQLITE_SYNC, indirect=True)
+async def test_session_built_with_options_belongs_to_the_request(
+    make_db: DatabaseFactory, rows: Callable[[], list[str]]
+) -> None:
+    """'db.session(**options)' builds the request's session with those options; it is the
+    one the request then uses, committed by the status and removed at the end.
+    """
+    db: Database[Session] = make_db()
+    seen: list[bool] = []
+
+    def endpoint(request: Request) -> Response:
+        session = db.session(autoflush=False)
+        seen.append(session.autoflush)
+        seen.append(db.session() is session)
+        session.add(Item(name="with-options"))
+        return PlainTextResponse("ok")
+
+    assert (await call(with_route(db, "/options", endpoint), "GET", "/options")).status == 200
+    assert seen == [False, True]
+    assert rows() == ["with-options"]
+    assert nothing_left(db) == (0, 0, 0)
