@@ -187,7 +187,9 @@ class Database(Generic[SessionT]):
         self._registry: scoped_session[Session] | async_scoped_session[AsyncSession] | None
         self._registry = None
         self._async = False
-        self._setup_lock = threading.Lock()
+        # Guards the one-time setup, a unit's opening through a binding, and the store and
+        # removal of a unit's session (see _UnitRegistry).
+        self._lock = threading.Lock()
         self._binding: ContextVar[Binding | None] = ContextVar("sessionscope_unit", default=None)
         self._units: set[Unit] = set()
         if given:
@@ -203,7 +205,7 @@ class Database(Generic[SessionT]):
         session_options: Mapping[str, Any] | None = None,
     ) -> None:
         """Fill in what the constructor left open (used by ``init_app``)."""
-        with self._setup_lock:
+        with self._lock:
             if self._registry is not None:
                 raise RuntimeError(
                     f"{self!r} is already in use, so its URL and options can no longer"
@@ -222,7 +224,7 @@ class Database(Generic[SessionT]):
         return self._registry is not None
 
     def _setup(self) -> scoped_session[Session] | async_scoped_session[AsyncSession]:
-        with self._setup_lock:
+        with self._lock:
             if self._registry is not None:
                 return self._registry
             factory = self._session_factory
@@ -337,7 +339,7 @@ class Database(Generic[SessionT]):
 
     def _renew(self, binding: Binding) -> Unit:
         """Open the fresh unit a renewable binding hands out on first use."""
-        with self._setup_lock:
+        with self._lock:
             unit = binding.unit
             if unit is None and binding.renewable:
                 unit = binding.unit = self._open_unit()
@@ -354,7 +356,7 @@ class Database(Generic[SessionT]):
 
     def _take_session(self, unit: Unit) -> Session | AsyncSession | None:
         """End ``unit`` and take its session out of the registry (exactly once)."""
-        with self._setup_lock:  # atomic with the registry's insert (see _UnitRegistry)
+        with self._lock:  # atomic with the registry's insert (see _UnitRegistry)
             if unit.closed:
                 return None
             unit.closed = True
@@ -572,7 +574,7 @@ class _UnitRegistry(ScopedRegistry[Any]):
 
     def _store(self, unit: Unit, session: Any) -> Any:
         db = self._db
-        with db._setup_lock:
+        with db._lock:
             if not unit.closed:
                 return self.registry.setdefault(unit.key, session)
         # The unit ended while the session was being built: it never had a connection.

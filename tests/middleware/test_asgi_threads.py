@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -26,6 +27,31 @@ from ._driver import call
 pytestmark = pytest.mark.anyio
 
 SQLITE_SYNC = backend_params(backends=["sqlite"], modes=["sync"])
+
+
+def _outliving_thread(
+    use: Callable[[], object], started: threading.Event | None = None
+) -> tuple[Callable[[Request], Awaitable[Response]], list[object], list[asyncio.Future[None]]]:
+    """An endpoint that runs ``use()`` in a thread it does not wait for (once ``started``
+    is set, if given, it returns); what ``use()`` returned or the RuntimeError it raised
+    goes to the outcome list, the thread's future to the workers list.
+    """
+    outcome: list[object] = []
+    workers: list[asyncio.Future[None]] = []
+
+    def work() -> None:
+        try:
+            outcome.append(use())
+        except RuntimeError as error:
+            outcome.append(error)
+
+    async def endpoint(request: Request) -> Response:
+        workers.append(asyncio.ensure_future(asyncio.to_thread(work)))
+        if started is not None:
+            await anyio.to_thread.run_sync(started.wait)
+        return PlainTextResponse("ok")
+
+    return endpoint, outcome, workers
 
 
 @pytest.mark.parametrize("backend", SQLITE_SYNC, indirect=True)
@@ -48,22 +74,12 @@ async def test_thread_whose_first_use_straddles_the_end_of_the_request(
             super().__init__(*args, **kwargs)
 
     db: Database[Session] = make_db(session_options={"class_": SlowToBuild})
-    outcome: list[object] = []
 
-    def work() -> None:
+    def use() -> object:
         in_thread.slow = True
-        try:
-            outcome.append(db.session.execute(sa.text("SELECT 1")).scalar())
-        except RuntimeError as error:
-            outcome.append(error)
+        return db.session.execute(sa.text("SELECT 1")).scalar()
 
-    workers: list[asyncio.Future[None]] = []
-
-    async def endpoint(request: Request) -> Response:
-        workers.append(asyncio.ensure_future(asyncio.to_thread(work)))
-        await anyio.to_thread.run_sync(building.wait)
-        return PlainTextResponse("ok")
-
+    endpoint, outcome, workers = _outliving_thread(use, started=building)
     app = with_route(db, "/straddle", endpoint)
     assert (await call(app, "GET", "/straddle")).status == 200
     proceed.set()
@@ -126,22 +142,12 @@ async def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
         return open_unit()
 
     db._open_unit = slow_open_unit  # type: ignore[method-assign]
-    outcome: list[object] = []
 
-    def work() -> None:
+    def use() -> object:
         in_thread.slow = True
-        try:
-            outcome.append(db.session())
-        except RuntimeError as error:
-            outcome.append(error)
+        return db.session()
 
-    workers: list[asyncio.Future[None]] = []
-
-    async def endpoint(request: Request) -> Response:
-        workers.append(asyncio.ensure_future(asyncio.to_thread(work)))
-        await anyio.to_thread.run_sync(opening.wait)
-        return PlainTextResponse("ok")
-
+    endpoint, outcome, workers = _outliving_thread(use, started=opening)
     app = with_route(db, "/opening", endpoint)
     assert (await call(app, "GET", "/opening")).status == 200
     await workers[0]

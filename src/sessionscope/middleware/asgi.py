@@ -128,8 +128,8 @@ class SessionMiddleware:
             # right now, under the database's lock: wait for it, so that its unit is seen
             # below. (Checked, not taken, in the common case: taking it cost ~0.3 us.)
             binding.renewable = False
-            if db._setup_lock.locked():
-                with db._setup_lock:
+            if db._lock.locked():
+                with db._lock:
                     pass
             unit = binding.unit
             binding.unit = None
@@ -293,10 +293,7 @@ class _RequestBinding(Binding):
     __slots__ = ("answered",)
 
     def __init__(self, owner: SessionMiddleware) -> None:
-        # Binding's fields set here, not through its __init__: a call less per request.
-        self.unit = None
-        self.owner = owner
-        self.renewable = True
+        super().__init__(None, owner, renewable=True)
         self.answered = False  # the final response message has been forwarded (or ours)
 
 
