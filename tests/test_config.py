@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -9,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from sessionscope import Database
 
@@ -166,6 +168,134 @@ def test_password_never_appears_in_repr_of_a_lazy_database(
     """The repr of an unconfigured database reads DATABASE_URL; it must hide that password."""
     monkeypatch.setenv("DATABASE_URL", PG_URL)
     assert SECRET not in repr(Database())
+
+
+# -- the pool of an SQLite file ----------------------------------------------------------------
+
+WAVE = 10
+"""More connections at once than SQLAlchemy's default pool keeps idle (5)."""
+
+
+async def _hold_connections_at_once(db: Database[Any], count: int) -> None:
+    """``count`` units that each hold a connection while all the others hold theirs."""
+    if db.is_async:
+        import anyio
+
+        arrived = anyio.Event()
+        waiting = 0
+
+        async def unit() -> None:
+            nonlocal waiting
+            async with db.begin() as session:
+                await session.execute(sa.select(Item))
+                waiting += 1
+                if waiting == count:
+                    arrived.set()
+                await arrived.wait()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(count):
+                group.start_soon(unit)
+        return
+    barrier = threading.Barrier(count, timeout=10)
+
+    def thread_unit() -> None:
+        with cast(Any, db).begin() as session:
+            session.execute(sa.select(Item))
+            barrier.wait()
+
+    threads = [threading.Thread(target=thread_unit) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not barrier.broken
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", backend_params(backends=["sqlite"]), indirect=True)
+async def test_an_sqlite_file_keeps_the_connections_its_pool_opened(
+    make_db: DatabaseFactory,
+) -> None:
+    """Requests that end together must not make the pool close what it opened for them.
+
+    A unit holds its connection until its response starts, so under load more of them hold
+    one at once than SQLAlchemy's default pool keeps idle (5): it closed the rest as they
+    came back and reopened them for the next requests (file, WAL pragmas, schema), a third
+    of all checkouts for sync reads on SQLite in the benchmarks.
+    """
+    db = make_db()
+    opened: list[object] = []
+    sa.event.listen(db.sync_engine, "connect", lambda *args: opened.append(args[0]))
+    await _hold_connections_at_once(db, WAVE)
+    assert len(opened) == WAVE
+    assert db.sync_engine.pool.checkedin() == WAVE  # type: ignore[attr-defined]
+    await _hold_connections_at_once(db, WAVE)
+    assert len(opened) == WAVE  # the second wave reused every one of them
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", backend_params(backends=["sqlite"]), indirect=True)
+async def test_an_sqlite_file_pool_still_opens_at_most_fifteen_connections(
+    make_db: DatabaseFactory,
+) -> None:
+    """The limit stays SQLAlchemy's (5 + 10 overflow): the 16th waits, then times out."""
+    db = make_db(engine_options={"pool_timeout": 0.2})
+    engine: Any = db.engine
+    if db.is_async:
+        held = [await engine.connect() for _ in range(15)]
+        try:
+            with pytest.raises(sa.exc.TimeoutError):
+                await engine.connect()
+        finally:
+            for connection in held:
+                await connection.close()
+    else:
+        sync_held = [engine.connect() for _ in range(15)]
+        try:
+            with pytest.raises(sa.exc.TimeoutError):
+                engine.connect()
+        finally:
+            for sync_connection in sync_held:
+                sync_connection.close()
+    assert db.sync_engine.pool.checkedin() == 15  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("options", "size", "overflow"),
+    [
+        ({"pool_size": 2}, 2, 10),
+        ({"max_overflow": 3}, 5, 3),
+        ({"pool_size": 4, "max_overflow": 1}, 4, 1),
+    ],
+)
+def test_pool_sizes_you_pass_for_an_sqlite_file_are_used_unchanged(
+    tmp_path: Path, options: dict[str, int], size: int, overflow: int
+) -> None:
+    db: Database[Any] = Database(f"sqlite:///{tmp_path / 'sized.sqlite3'}", engine_options=options)
+    try:
+        pool: Any = db.sync_engine.pool
+        assert (pool.size(), pool._max_overflow) == (size, overflow)
+    finally:
+        db.dispose()
+
+
+def test_other_pools_are_left_as_sqlalchemy_makes_them(tmp_path: Path) -> None:
+    """A memory database, a pool class you chose and a server database keep their pools."""
+    memory: Database[Any] = Database("sqlite://")
+    static: Database[Any] = Database(
+        f"sqlite:///{tmp_path / 'static.sqlite3'}", engine_options={"poolclass": StaticPool}
+    )
+    server: Database[Any] = Database("postgresql+psycopg://app@127.0.0.1:1/app")
+    try:
+        assert not isinstance(memory.sync_engine.pool, QueuePool)
+        assert isinstance(static.sync_engine.pool, StaticPool)
+        server_pool: Any = server.sync_engine.pool
+        assert (server_pool.size(), server_pool._max_overflow) == (5, 10)
+    finally:
+        for db in (memory, static, server):
+            db.dispose()
 
 
 # -- disposal -----------------------------------------------------------------------------------

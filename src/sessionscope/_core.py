@@ -99,7 +99,10 @@ class Database(Generic[SessionT]):
         named ``sessionscope.sqlite3`` in the working directory (WAL mode).
     :param engine: an ``Engine`` or ``AsyncEngine`` you created; it stays yours to dispose.
     :param session_factory: a ``sessionmaker`` or ``async_sessionmaker`` you configured.
-    :param engine_options: passed unchanged to ``create_engine()``.
+    :param engine_options: passed unchanged to ``create_engine()``. For an SQLite file
+        the pool keeps every connection it opens (``pool_size=15, max_overflow=0``: the
+        same limit as SQLAlchemy's default, none closed when it comes back) unless these
+        options set ``pool_size``, ``max_overflow``, ``poolclass`` or ``pool``.
     :param session_options: passed unchanged to ``sessionmaker()``; sessions built here
         default to ``expire_on_commit=False``.
 
