@@ -280,7 +280,9 @@ class _Response:
                 self._remove()
 
     def _remove(self) -> None:
-        self._db._remove_sync(self._unit)
+        unit = self._unit
+        if not unit.closed:  # ends once; a built body ends it before close() is called
+            self._db._remove_sync(unit)
         self._binding.unit = None
 
 
