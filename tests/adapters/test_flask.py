@@ -243,6 +243,50 @@ def test_nested_app_context_keeps_the_request_session(db: Database[Any], rows: R
 
 
 @sync_backends
+def test_app_context_pushed_before_the_first_use_joins_the_request(
+    db: Database[Any], rows: Rows
+) -> None:
+    """The request's unit opens on first use, even inside an app context the view pushed."""
+    app = make_app(db)
+    same: list[bool] = []
+
+    @app.post("/first-inside")
+    def first_inside() -> tuple[str, int]:
+        assert db.live_units == 0  # nothing used yet: nothing opened
+        with app.app_context():
+            inner = db.session()
+            inner.add(Item(name="inner"))
+        same.append(db.session() is inner)
+        db.session.add(Item(name="outer"))
+        return "ok", 201
+
+    assert app.test_client().post("/first-inside").status_code == 201
+    assert same == [True]
+    assert sorted(rows()) == ["inner", "outer"]
+    assert (db.live_units, db.live_sessions) == (0, 0)
+
+
+@sync_backends
+def test_a_request_that_never_uses_the_session_opens_no_unit(db: Database[Any]) -> None:
+    """No unit and no connection for a view that never touches the database."""
+    app = make_app(db)
+    checkouts: list[object] = []
+    sa.event.listen(db.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    units: list[int] = []
+
+    @app.get("/plain")
+    def plain() -> str:
+        units.append(db.live_units)
+        return "static"
+
+    response = app.test_client().get("/plain")
+    assert (response.status_code, response.data) == (200, b"static")
+    assert units == [0]
+    assert checkouts == []
+    assert (db.live_units, db.live_sessions) == (0, 0)
+
+
+@sync_backends
 def test_preserved_context_never_commits_a_failed_request(db: Database[Any], rows: Rows) -> None:
     """A context the test client keeps after an error is popped later without a commit (21b)."""
     app = make_app(db)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -20,6 +22,9 @@ from .._models import Child, Item
 from ..conftest import backend_params
 
 sync_backends = pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
+sqlite_sync = pytest.mark.parametrize(
+    "backend", backend_params(backends=["sqlite"], modes=["sync"]), indirect=True
+)
 
 Rows = Callable[[], list[str]]
 
@@ -290,7 +295,7 @@ def test_unit_ends_after_the_last_chunk(db: Database[Any], rows: Rows) -> None:
 
     middleware = WSGISessionMiddleware(app, db)
     iterable = middleware(EnvironBuilder().get_environ(), Server().start_response)
-    assert db.live_units == 1
+    assert db.live_units == 0  # the generator has not run: no unit until db.session is used
     assert list(iterable) == [b"one", b"two"]
     assert (db.live_units, db.live_sessions) == (0, 0)
     close = getattr(iterable, "close")  # noqa: B009 - our iterable always has one
@@ -375,6 +380,162 @@ def test_cleanup_survives_an_app_close_that_raises(db: Database[Any], rows: Rows
 
 
 # -- setup and misuse -----------------------------------------------------------------------
+
+
+@sync_backends
+def test_a_request_that_never_uses_the_session_opens_no_unit(db: Database[Any]) -> None:
+    """No unit, no session, no connection and no SQL for a request that never needs them."""
+    server = Server(db)
+    opened: list[int] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        opened.append(db.live_units)
+        start_response("200 OK", [])
+        return [b"static"]
+
+    assert server.run(WSGISessionMiddleware(app, db)) == b"static"
+    assert opened == [0]
+    assert server.events == ["start_response 200 OK", "returned", "chunk static", "closed"]
+    assert (db.live_units, db.live_sessions) == (0, 0)
+
+
+@sync_backends
+def test_a_unit_first_opened_by_the_stream_is_committed_by_the_status(
+    db: Database[Any], rows: Rows
+) -> None:
+    """A body that first touches the session after the status left still gets its commit."""
+    server = Server(db)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"first"
+        db.session.add(Item(name="late"))
+        yield b"second"
+
+    assert server.run(WSGISessionMiddleware(app, db)) == b"firstsecond"
+    assert server.events == [
+        "returned",
+        "start_response 200 OK",
+        "chunk first",
+        "chunk second",
+        "COMMIT",
+        "closed",
+    ]
+    assert rows() == ["late"]
+    assert (db.live_units, db.live_sessions) == (0, 0)
+
+
+@sync_backends
+def test_after_the_request_the_session_is_refused_in_its_context(db: Database[Any]) -> None:
+    """Code the body's context runs after close() gets the error, never a fresh unit."""
+    contexts: list[Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        import contextvars
+
+        contexts.append(contextvars.copy_context())
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    Server().run(WSGISessionMiddleware(app, db))
+    with pytest.raises(RuntimeError, match="already finished"):
+        contexts[0].run(lambda: db.session.add(Item(name="after")))
+    assert (db.live_units, db.live_sessions) == (0, 0)
+
+
+def _outliving_thread_app(
+    use: Callable[[], object], started: threading.Event
+) -> tuple[WSGIApplication, list[object], list[threading.Thread]]:
+    """An app that runs ``use()`` in a thread of the request's context, returns once
+    ``started`` is set and never waits for the thread; what ``use()`` returned or the
+    RuntimeError it raised goes to the outcome list.
+    """
+    outcome: list[object] = []
+    threads: list[threading.Thread] = []
+
+    def work() -> None:
+        try:
+            outcome.append(use())
+        except RuntimeError as error:
+            outcome.append(error)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        context = contextvars.copy_context()
+        thread = threading.Thread(target=context.run, args=(work,))
+        threads.append(thread)
+        thread.start()
+        assert started.wait(5)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    return app, outcome, threads
+
+
+def _nothing_left(db: Database[Any]) -> tuple[int, int, int]:
+    checkedout: int = db.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+    return db.live_units, db.live_sessions, checkedout
+
+
+@sqlite_sync
+def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
+    db: Database[Any],
+) -> None:
+    """A thread of the request is inside the opening of its unit when the body is built:
+    the middleware waits for it and removes the unit it opened, instead of missing it.
+    """
+    opening = threading.Event()
+    open_unit = db._open_unit
+    in_thread = threading.local()
+
+    def slow_open_unit() -> Any:
+        if getattr(in_thread, "slow", False):
+            opening.set()
+            threading.Event().wait(0.2)  # the request ends meanwhile
+        return open_unit()
+
+    db._open_unit = slow_open_unit  # type: ignore[method-assign]
+
+    def use() -> object:
+        in_thread.slow = True
+        return db.session()
+
+    app, outcome, threads = _outliving_thread_app(use, opening)
+    assert Server().run(WSGISessionMiddleware(app, db)) == b"ok"
+    threads[0].join(5)
+    assert len(outcome) == 1
+    assert _nothing_left(db) == (0, 0, 0)
+
+
+@sqlite_sync
+def test_thread_opening_the_unit_as_the_request_ends_leaves_no_unit(db: Database[Any]) -> None:
+    """Many requests whose thread makes the first 'db.session' call just as the request
+    ends: whichever comes first, the unit is removed, never left open.
+    """
+    failures: list[BaseException] = []
+    started = threading.Event()
+    started.set()
+
+    def use() -> object:
+        # Only asks for the session: running SQL on it while the request commits would be
+        # two threads in one session at once, a race of the app's own.
+        try:
+            return db.session()
+        except RuntimeError as error:
+            assert "already finished" in str(error)  # noqa: PT017 - re-raised below
+            return error
+        except BaseException as error:  # pragma: no cover - reported by the assert below
+            failures.append(error)
+            return error
+
+    app, outcome, threads = _outliving_thread_app(use, started)
+    middleware = WSGISessionMiddleware(app, db)
+    for _ in range(200):
+        assert Server().run(middleware) == b"ok"
+    for thread in threads:
+        thread.join(5)
+    assert failures == []
+    assert len(outcome) == 200
+    assert _nothing_left(db) == (0, 0, 0)
 
 
 @sync_backends

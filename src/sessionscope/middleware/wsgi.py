@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from .._core import Database
 
-__all__ = ["WSGISessionMiddleware", "internal_server_error"]
+__all__ = ["WSGISessionMiddleware", "internal_server_error", "opens_request"]
 
 logger = logging.getLogger("sessionscope")
 
@@ -95,12 +95,7 @@ class WSGISessionMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
         outer = self.db._binding.get()
-        if (
-            outer is not None
-            and getattr(outer.owner, "_opens_requests", False)
-            and outer.unit is not None
-            and not outer.unit.closed
-        ):
+        if outer is not None and opens_request(outer):
             raise RuntimeError(
                 f"'WSGISessionMiddleware' is installed twice for {self.db!r}: an outer one"
                 " already opened this request's unit of work. Install it once per database;"
@@ -121,6 +116,26 @@ class WSGISessionMiddleware:
 class _Response:
     """The iterable the server gets: commits before the first chunk, removes in close()."""
 
+    __slots__ = (
+        "_binding",
+        "_closed",
+        "_code",
+        "_commit_on",
+        "_context",
+        "_db",
+        "_environ",
+        "_headers",
+        "_iterable",
+        "_iterator",
+        "_on_commit_error",
+        "_replaced",
+        "_replacement",
+        "_server_start",
+        "_settled",
+        "_status",
+        "_write",
+    )
+
     def __init__(
         self, middleware: WSGISessionMiddleware, environ: WSGIEnvironment, start: StartResponse
     ) -> None:
@@ -139,8 +154,9 @@ class _Response:
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
-        self._unit = db._open_unit()
-        self._binding = Binding(self._unit, owner=middleware)
+        # The request's unit opens on the first use of 'db.session' (or after_commit(),
+        # set_rollback_only()): a request that never touches the database opens none.
+        self._binding = Binding(None, owner=middleware, renewable=True)
         # The binding lives in a context of our own, entered for the call, every chunk and
         # close(): the body streams after __call__ returns, and the server's thread context
         # must not keep it once the request is over.
@@ -200,8 +216,11 @@ class _Response:
     def _settle(self) -> None:
         """Commit or roll back, then pass the final status on (the 500 if the commit failed)."""
         self._settled = True
-        commit = self._code is not None and self._commit_on(self._code)
-        error = self._db._settle_sync(self._unit, commit)
+        unit = self._binding.unit
+        error = None
+        if unit is not None:
+            commit = self._code is not None and self._commit_on(self._code)
+            error = self._db._settle_sync(unit, commit)
         if error is not None:
             self._replace(error)
         elif self._status is not None:
@@ -255,8 +274,11 @@ class _Response:
             if not self._settled:
                 self._settle()
                 return
+            unit = self._binding.unit
+            if unit is None:
+                return
             commit = self._code is not None and self._commit_on(self._code)
-            error = self._db._settle_sync(self._unit, commit)
+            error = self._db._settle_sync(unit, commit)
             if error is not None:
                 raise RuntimeError(
                     "Committing what the app wrote while the body streamed failed after the"
@@ -280,10 +302,29 @@ class _Response:
                 self._remove()
 
     def _remove(self) -> None:
-        unit = self._unit
-        if not unit.closed:  # ends once; a built body ends it before close() is called
-            self._db._remove_sync(unit)
-        self._binding.unit = None
+        """End the request's unit, if it opened one: exactly once, on every path."""
+        binding = self._binding
+        db = self._db
+        if binding.renewable:
+            # From here on no unit opens through this binding. A thread of the request may
+            # be opening one right now, under the database's lock: wait for it, so that
+            # its unit is seen below.
+            binding.renewable = False
+            if db._lock.locked():
+                with db._lock:
+                    pass
+        unit = binding.unit
+        if unit is not None:
+            binding.unit = None
+            db._remove_sync(unit)
+
+
+def opens_request(binding: Binding) -> bool:
+    """Whether ``binding`` is a WSGI request's that is still running (its unit may be open)."""
+    if not getattr(binding.owner, "_opens_requests", False):
+        return False
+    unit = binding.unit
+    return binding.renewable or (unit is not None and not unit.closed)
 
 
 def _close(context: contextvars.Context, iterable: Iterable[bytes]) -> None:
