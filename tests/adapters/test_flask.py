@@ -243,16 +243,16 @@ def test_nested_app_context_keeps_the_request_session(db: Database[Any], rows: R
 
 
 @sync_backends
-def test_app_context_pushed_before_the_first_use_joins_the_request(
+def test_app_context_pushed_before_the_first_use_uses_the_request_session(
     db: Database[Any], rows: Rows
 ) -> None:
-    """The request's unit opens on first use, even inside an app context the view pushed."""
+    """The first use of the session, inside an app context the view pushed, is the request's."""
     app = make_app(db)
     same: list[bool] = []
 
     @app.post("/first-inside")
     def first_inside() -> tuple[str, int]:
-        assert db.live_units == 0  # nothing used yet: nothing opened
+        assert db.live_sessions == 0  # nothing used yet
         with app.app_context():
             inner = db.session()
             inner.add(Item(name="inner"))
@@ -267,21 +267,21 @@ def test_app_context_pushed_before_the_first_use_joins_the_request(
 
 
 @sync_backends
-def test_a_request_that_never_uses_the_session_opens_no_unit(db: Database[Any]) -> None:
-    """No unit and no connection for a view that never touches the database."""
+def test_a_request_that_never_uses_the_session_opens_no_session(db: Database[Any]) -> None:
+    """No session and no connection for a view that never touches the database."""
     app = make_app(db)
     checkouts: list[object] = []
     sa.event.listen(db.sync_engine, "checkout", lambda *args: checkouts.append(args))
-    units: list[int] = []
+    sessions: list[int] = []
 
     @app.get("/plain")
     def plain() -> str:
-        units.append(db.live_units)
+        sessions.append(db.live_sessions)
         return "static"
 
     response = app.test_client().get("/plain")
     assert (response.status_code, response.data) == (200, b"static")
-    assert units == [0]
+    assert sessions == [0]
     assert checkouts == []
     assert (db.live_units, db.live_sessions) == (0, 0)
 

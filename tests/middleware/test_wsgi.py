@@ -295,7 +295,7 @@ def test_unit_ends_after_the_last_chunk(db: Database[Any], rows: Rows) -> None:
 
     middleware = WSGISessionMiddleware(app, db)
     iterable = middleware(EnvironBuilder().get_environ(), Server().start_response)
-    assert db.live_units == 0  # the generator has not run: no unit until db.session is used
+    assert db.live_units == 1
     assert list(iterable) == [b"one", b"two"]
     assert (db.live_units, db.live_sessions) == (0, 0)
     close = getattr(iterable, "close")  # noqa: B009 - our iterable always has one
@@ -383,27 +383,27 @@ def test_cleanup_survives_an_app_close_that_raises(db: Database[Any], rows: Rows
 
 
 @sync_backends
-def test_a_request_that_never_uses_the_session_opens_no_unit(db: Database[Any]) -> None:
-    """No unit, no session, no connection and no SQL for a request that never needs them."""
+def test_a_request_that_never_uses_the_session_opens_no_session(db: Database[Any]) -> None:
+    """Its unit is open, but no session, no connection and no SQL come of it."""
     server = Server(db)
-    opened: list[int] = []
+    seen: list[tuple[int, int]] = []
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        opened.append(db.live_units)
+        seen.append((db.live_units, db.live_sessions))
         start_response("200 OK", [])
         return [b"static"]
 
     assert server.run(WSGISessionMiddleware(app, db)) == b"static"
-    assert opened == [0]
+    assert seen == [(1, 0)]
     assert server.events == ["start_response 200 OK", "returned", "chunk static", "closed"]
     assert (db.live_units, db.live_sessions) == (0, 0)
 
 
 @sync_backends
-def test_a_unit_first_opened_by_the_stream_is_committed_by_the_status(
+def test_a_session_first_used_by_the_stream_is_committed_by_the_status(
     db: Database[Any], rows: Rows
 ) -> None:
-    """A body that first touches the session after the status left still gets its commit."""
+    """A body that first uses the session after the status left still gets its commit."""
     server = Server(db)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
@@ -431,8 +431,6 @@ def test_after_the_request_the_session_is_refused_in_its_context(db: Database[An
     contexts: list[Any] = []
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        import contextvars
-
         contexts.append(contextvars.copy_context())
         start_response("200 OK", [])
         return [b"ok"]
@@ -477,39 +475,11 @@ def _nothing_left(db: Database[Any]) -> tuple[int, int, int]:
 
 
 @sqlite_sync
-def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
+def test_thread_asking_for_the_session_as_the_request_ends_leaves_nothing(
     db: Database[Any],
 ) -> None:
-    """A thread of the request is inside the opening of its unit when the body is built:
-    the middleware waits for it and removes the unit it opened, instead of missing it.
-    """
-    opening = threading.Event()
-    open_unit = db._open_unit
-    in_thread = threading.local()
-
-    def slow_open_unit() -> Any:
-        if getattr(in_thread, "slow", False):
-            opening.set()
-            threading.Event().wait(0.2)  # the request ends meanwhile
-        return open_unit()
-
-    db._open_unit = slow_open_unit  # type: ignore[method-assign]
-
-    def use() -> object:
-        in_thread.slow = True
-        return db.session()
-
-    app, outcome, threads = _outliving_thread_app(use, opening)
-    assert Server().run(WSGISessionMiddleware(app, db)) == b"ok"
-    threads[0].join(5)
-    assert len(outcome) == 1
-    assert _nothing_left(db) == (0, 0, 0)
-
-
-@sqlite_sync
-def test_thread_opening_the_unit_as_the_request_ends_leaves_no_unit(db: Database[Any]) -> None:
     """Many requests whose thread makes the first 'db.session' call just as the request
-    ends: whichever comes first, the unit is removed, never left open.
+    ends: whichever comes first, the session is removed or refused, never left open.
     """
     failures: list[BaseException] = []
     started = threading.Event()

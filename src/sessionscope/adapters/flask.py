@@ -23,7 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from werkzeug.wsgi import ClosingIterator
 
 from .._unit import Binding, Unit, default_commit_on
-from ..middleware.wsgi import BODY_BUILT, WSGISessionMiddleware, opens_request
+from ..middleware.wsgi import BODY_BUILT, WSGISessionMiddleware
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
@@ -156,10 +156,7 @@ class _AppContextUnits:
     def pushed(self, app: Flask, **extra: Any) -> None:
         db = self.db
         outer = db._binding.get()
-        if outer is not None and (
-            (outer.unit is not None and not outer.unit.closed) or opens_request(outer)
-        ):
-            # Inside a unit, or inside a request whose unit opens on first use.
+        if outer is not None and outer.unit is not None and not outer.unit.closed:
             return
         unit = db._open_unit()
         binding = Binding(unit, owner=self)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from .._core import Database
 
-__all__ = ["WSGISessionMiddleware", "internal_server_error", "opens_request"]
+__all__ = ["WSGISessionMiddleware", "internal_server_error"]
 
 logger = logging.getLogger("sessionscope")
 
@@ -95,7 +95,12 @@ class WSGISessionMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
         outer = self.db._binding.get()
-        if outer is not None and opens_request(outer):
+        if (
+            outer is not None
+            and getattr(outer.owner, "_opens_requests", False)
+            and outer.unit is not None
+            and not outer.unit.closed
+        ):
             raise RuntimeError(
                 f"'WSGISessionMiddleware' is installed twice for {self.db!r}: an outer one"
                 " already opened this request's unit of work. Install it once per database;"
@@ -133,6 +138,7 @@ class _Response:
         "_server_start",
         "_settled",
         "_status",
+        "_unit",
         "_write",
     )
 
@@ -154,9 +160,8 @@ class _Response:
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
-        # The request's unit opens on the first use of 'db.session' (or after_commit(),
-        # set_rollback_only()): a request that never touches the database opens none.
-        self._binding = Binding(None, owner=middleware, renewable=True)
+        self._unit = db._open_unit()
+        self._binding = Binding(self._unit, owner=middleware)
         # The binding lives in a context of our own, entered for the call, every chunk and
         # close(): the body streams after __call__ returns, and the server's thread context
         # must not keep it once the request is over.
@@ -216,11 +221,8 @@ class _Response:
     def _settle(self) -> None:
         """Commit or roll back, then pass the final status on (the 500 if the commit failed)."""
         self._settled = True
-        unit = self._binding.unit
-        error = None
-        if unit is not None:
-            commit = self._code is not None and self._commit_on(self._code)
-            error = self._db._settle_sync(unit, commit)
+        commit = self._code is not None and self._commit_on(self._code)
+        error = self._db._settle_sync(self._unit, commit)
         if error is not None:
             self._replace(error)
         elif self._status is not None:
@@ -274,11 +276,8 @@ class _Response:
             if not self._settled:
                 self._settle()
                 return
-            unit = self._binding.unit
-            if unit is None:
-                return
             commit = self._code is not None and self._commit_on(self._code)
-            error = self._db._settle_sync(unit, commit)
+            error = self._db._settle_sync(self._unit, commit)
             if error is not None:
                 raise RuntimeError(
                     "Committing what the app wrote while the body streamed failed after the"
@@ -302,29 +301,10 @@ class _Response:
                 self._remove()
 
     def _remove(self) -> None:
-        """End the request's unit, if it opened one: exactly once, on every path."""
-        binding = self._binding
-        db = self._db
-        if binding.renewable:
-            # From here on no unit opens through this binding. A thread of the request may
-            # be opening one right now, under the database's lock: wait for it, so that
-            # its unit is seen below.
-            binding.renewable = False
-            if db._lock.locked():
-                with db._lock:
-                    pass
-        unit = binding.unit
-        if unit is not None:
-            binding.unit = None
-            db._remove_sync(unit)
-
-
-def opens_request(binding: Binding) -> bool:
-    """Whether ``binding`` is a WSGI request's that is still running (its unit may be open)."""
-    if not getattr(binding.owner, "_opens_requests", False):
-        return False
-    unit = binding.unit
-    return binding.renewable or (unit is not None and not unit.closed)
+        unit = self._unit
+        if not unit.closed:  # ends once; a built body ends it before close() is called
+            self._db._remove_sync(unit)
+        self._binding.unit = None
 
 
 def _close(context: contextvars.Context, iterable: Iterable[bytes]) -> None:
