@@ -67,6 +67,18 @@ class Binding:
         # that never need one.
         self.renewable = renewable
 
+    def handling_request(self) -> bool:
+        """Whether a middleware (ASGI or WSGI) is handling a request or socket through this.
+
+        Another middleware of the same database meeting it is installed twice. Adapters
+        that open requests mark themselves with ``_opens_requests``; the ASGI request
+        binding answers for itself (its unit opens on first use).
+        """
+        unit = self.unit
+        return (
+            getattr(self.owner, "_opens_requests", False) and unit is not None and not unit.closed
+        )
+
 
 def transaction_committed(root: SessionTransaction | None) -> bool:
     """Tell whether a ``commit()`` that raised had already committed in the database.

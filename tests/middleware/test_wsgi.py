@@ -149,6 +149,36 @@ def test_write_callable_commits_before_the_first_write(db: Database[Any], rows: 
 
 
 @sync_backends
+def test_writes_after_the_first_write_are_committed_with_a_list_body(
+    db: Database[Any], rows: Rows
+) -> None:
+    """An app that write()s, writes to the database again, then returns a built body: the
+    later write is committed before the body is handed over, not rolled back behind a 200.
+    """
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        write = start_response("200 OK", [])
+        db.session.add(Item(name="before-write"))
+        write(b"head ")
+        db.session.add(Item(name="after-write"))
+        return [b"tail"]
+
+    server = Server(db)
+    assert server.run(WSGISessionMiddleware(app, db)) == b"tail"
+    assert server.events == [
+        "COMMIT",
+        "start_response 200 OK",
+        "write head ",
+        "COMMIT",
+        "returned",
+        "chunk tail",
+        "closed",
+    ]
+    assert rows() == ["before-write", "after-write"]
+    assert (db.live_units, db.live_sessions) == (0, 0)
+
+
+@sync_backends
 def test_error_handler_status_decides(db: Database[Any], rows: Rows) -> None:
     """An app replacing its own 200 by a 500 ('exc_info') rolls back; the server sees the 500."""
 

@@ -156,7 +156,11 @@ class _AppContextUnits:
     def pushed(self, app: Flask, **extra: Any) -> None:
         db = self.db
         outer = db._binding.get()
-        if outer is not None and outer.unit is not None and not outer.unit.closed:
+        if outer is not None and (
+            (outer.unit is not None and not outer.unit.closed) or outer.renewable
+        ):
+            # Inside a unit, or inside an ASGI request whose unit opens on first use (or
+            # after its response, where 'db.session' opens the unit of the work after it).
             return
         unit = db._open_unit()
         binding = Binding(unit, owner=self)

@@ -78,6 +78,9 @@ class SessionMiddleware:
         to a worker thread outside the endpoints' thread limiter.
     """
 
+    # Marks its websocket bindings as handled by a middleware, to catch one installed twice.
+    _opens_requests = True
+
     def __init__(
         self,
         app: ASGIApp,
@@ -162,21 +165,15 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
 
     def _refuse_nesting(self, outer: Binding) -> None:
-        if isinstance(outer, _RequestBinding):
-            # A request still being answered; once its response is complete, work after it
-            # may call the app in-process (an internal sub-request) with units of its own.
-            handling = not outer.answered
-        else:  # a websocket's binding, live while its unit is
-            handling = (
-                isinstance(outer.owner, SessionMiddleware)
-                and outer.unit is not None
-                and not outer.unit.closed
-            )
-        if handling:
+        # A request (ASGI or WSGI) or a websocket still being handled through ``outer``;
+        # once an ASGI response is complete, work after it may call the app in-process (an
+        # internal sub-request) with units of its own.
+        if outer.handling_request():
             raise RuntimeError(
-                f"A 'SessionMiddleware' for {self.db!r} is already handling this request:"
-                " the middleware is installed twice for one database. Keep one (for"
-                " Starlette, 'app.add_middleware(SessionMiddleware, db=db)' once)."
+                f"A '{type(outer.owner).__name__}' for {self.db!r} is already handling"
+                " this request: the middleware is installed twice for one database. Keep"
+                " one (for Starlette, 'app.add_middleware(SessionMiddleware, db=db)' once;"
+                " a Flask app served inside it needs no 'db.init_app' of its own)."
             )
 
     async def _send_failure(
@@ -295,6 +292,9 @@ class _RequestBinding(Binding):
     def __init__(self, owner: SessionMiddleware) -> None:
         super().__init__(None, owner, renewable=True)
         self.answered = False  # the final response message has been forwarded (or ours)
+
+    def handling_request(self) -> bool:
+        return not self.answered
 
 
 class _Exchange:

@@ -95,16 +95,13 @@ class WSGISessionMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
         outer = self.db._binding.get()
-        if (
-            outer is not None
-            and getattr(outer.owner, "_opens_requests", False)
-            and outer.unit is not None
-            and not outer.unit.closed
-        ):
+        if outer is not None and outer.handling_request():
             raise RuntimeError(
-                f"'WSGISessionMiddleware' is installed twice for {self.db!r}: an outer one"
-                " already opened this request's unit of work. Install it once per database;"
-                " 'db.init_app(app)' already installs it for a Flask app."
+                f"'WSGISessionMiddleware' is installed twice for {self.db!r}: an outer"
+                f" '{type(outer.owner).__name__}' already opened this request's unit of"
+                " work. Install one per database; 'db.init_app(app)' already installs it"
+                " for a Flask app, and a Flask app served inside 'SessionMiddleware' needs"
+                " no 'db.init_app' of its own."
             )
         response = _Response(self, environ, start_response)
         try:
@@ -176,11 +173,15 @@ class _Response:
         self._iterator = iter(iterable)
         if self._status is None:
             return
-        if not self._settled:
-            self._settle()
-        if not self._replaced and (
-            isinstance(iterable, list | tuple) or self._environ.get(BODY_BUILT)
-        ):
+        built = isinstance(iterable, list | tuple) or bool(self._environ.get(BODY_BUILT))
+        if self._settled:
+            if built:
+                # A 'write()' settled the unit and the app went on: what it wrote since is
+                # committed (or rolled back) by the status too, before the body is handed on.
+                self._end()
+            return
+        self._settle()
+        if built and not self._replaced:
             # No app code runs while a built body is sent, so nothing needs the session
             # any more; ending the unit now also spares it from a test client that never
             # calls close().
