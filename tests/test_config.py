@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -179,8 +180,6 @@ WAVE = 10
 async def _hold_connections_at_once(db: Database[Any], count: int) -> None:
     """``count`` units that each hold a connection while all the others hold theirs."""
     if db.is_async:
-        import anyio
-
         arrived = anyio.Event()
         waiting = 0
 

@@ -20,6 +20,7 @@ from sessionscope.middleware.wsgi import WSGISessionMiddleware
 
 from .._models import Child, Item
 from ..conftest import backend_params
+from ._asgi_apps import nothing_left
 
 sync_backends = pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
 sqlite_sync = pytest.mark.parametrize(
@@ -499,11 +500,6 @@ def _outliving_thread_app(
     return app, outcome, threads
 
 
-def _nothing_left(db: Database[Any]) -> tuple[int, int, int]:
-    checkedout: int = db.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
-    return db.live_units, db.live_sessions, checkedout
-
-
 @sqlite_sync
 def test_thread_asking_for_the_session_as_the_request_ends_leaves_nothing(
     db: Database[Any],
@@ -535,7 +531,7 @@ def test_thread_asking_for_the_session_as_the_request_ends_leaves_nothing(
         thread.join(5)
     assert failures == []
     assert len(outcome) == 200
-    assert _nothing_left(db) == (0, 0, 0)
+    assert nothing_left(db) == (0, 0, 0)
 
 
 @sync_backends

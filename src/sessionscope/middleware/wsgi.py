@@ -173,19 +173,13 @@ class _Response:
         self._iterator = iter(iterable)
         if self._status is None:
             return
-        built = isinstance(iterable, list | tuple) or bool(self._environ.get(BODY_BUILT))
-        if self._settled:
-            if built:
-                # A 'write()' settled the unit and the app went on: what it wrote since is
-                # committed (or rolled back) by the status too, before the body is handed on.
-                self._end()
-            return
-        self._settle()
-        if built and not self._replaced:
+        if isinstance(iterable, list | tuple) or self._environ.get(BODY_BUILT):
             # No app code runs while a built body is sent, so nothing needs the session
             # any more; ending the unit now also spares it from a test client that never
-            # calls close().
-            self._remove()
+            # calls close(). (After a 'write()' this commits what the app wrote since.)
+            self._end()
+        elif not self._settled:
+            self._settle()
 
     # -- what the app calls --------------------------------------------------------------
 
@@ -272,7 +266,7 @@ class _Response:
         return chunk
 
     def _end(self) -> None:
-        """The body is exhausted: settle what the stream wrote, before the iterable ends."""
+        """The body is complete (built, or exhausted): settle what it wrote, then remove."""
         try:
             if not self._settled:
                 self._settle()
