@@ -9,28 +9,37 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ensure_wrk", "run_wrk"]
+__all__ = ["ensure_command", "ensure_wrk", "run_wrk"]
 
 SCRIPT = Path(__file__).resolve().parent / "lua" / "bench.lua"
 
 
 def ensure_wrk() -> str:
     """The path of ``wrk``, installed from Debian's packages if it is missing."""
-    found = shutil.which("wrk")
+    return ensure_command("wrk", "wrk")
+
+
+def ensure_command(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian's ``package`` if it is missing."""
+    found = shutil.which(command)
     if found:
         return found
     if os.geteuid() != 0:
         raise RuntimeError(
-            "'wrk' is not installed and this is not root, so it cannot be installed here."
-            " Run 'sudo apt-get install -y wrk' (Debian/Ubuntu) and start again."
+            f"'{command}' is not installed and this is not root, so it cannot be installed"
+            f" here. Run 'sudo apt-get install -y {package}' (Debian/Ubuntu) and start again."
         )
-    print("Installing wrk from Debian's packages (apt-get install -y wrk)...", flush=True)
+    print(
+        f"Installing {command} from Debian's packages (apt-get install -y {package})...", flush=True
+    )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env=env)
-    found = shutil.which("wrk")
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env)
+    found = shutil.which(command)
     if not found:
-        raise RuntimeError("'apt-get install wrk' finished but 'wrk' is still not on PATH.")
+        raise RuntimeError(
+            f"'apt-get install {package}' finished but '{command}' is still not on PATH."
+        )
     return found
 
 

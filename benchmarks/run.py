@@ -3,8 +3,9 @@
 Starts one server per variant pinned to core 0 (uvicorn with one worker for the ASGI
 variants, gunicorn with one gthread worker for the WSGI ones), drives each with wrk
 (pinned to core 1) in interleaved rounds (A B C ... A B C ...), checks correctness after
-every run, then runs the memory soak (full mode) and the in-process micro-benchmark (both
-ASGI only), and writes JSON, Markdown and a PNG chart into ``benchmarks/results/``. Each
+every run, then runs the memory soak and the count of instructions per request under
+callgrind (full mode) and the in-process micro-benchmark (all three ASGI only), and writes
+JSON, Markdown and a PNG chart into ``benchmarks/results/``. Each
 variant is compared with the baseline of its own side and mode: bare Starlette for ASGI,
 bare Flask (``flask-baseline-sync``) for WSGI.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from . import checks, load, servers
 from .database import Backend, backend
+from .instructions import run_instructions
 from .machine import describe
 from .micro import run_micro
 from .peers import prepare_peers
@@ -64,6 +66,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--no-micro", action="store_true")
     parser.add_argument(
+        "--no-instructions",
+        action="store_true",
+        help="skip the count of instructions per request under callgrind (full mode only)",
+    )
+    parser.add_argument(
         "--gunicorn-threads",
         type=int,
         default=servers.GUNICORN_THREADS,
@@ -80,6 +87,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         or options.variants
         or options.no_peers
         or options.no_micro
+        or options.no_instructions
         or options.soak_requests == 0
     )
     options.db = (options.db or ("postgresql" if quick else "sqlite,postgresql")).split(",")
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     # (or Ctrl-C) there is recorded, and the report is written with what was measured.
     soak: list[dict[str, Any]] = []
     micro = None
+    instructions = None
     try:
         if not options.no_micro:
             print("In-process micro-benchmark...", flush=True)
@@ -323,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                 SERVER_CORE,
                 LOAD_CORE,
                 results=soak,
+            )
+        if not options.quick and not options.no_instructions:
+            print("Instructions per request under callgrind (a few minutes)...", flush=True)
+            first = backends[0]
+            instructions = run_instructions(
+                first.name, {"sync": first.sync_url, "async": first.async_url}
             )
     except Exception as error:
         failures["micro-benchmark or soak"] = f"{type(error).__name__}: {error}"
@@ -349,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
         "soak": soak,
         "micro": micro,
+        "instructions": instructions,
     }
     paths = write_report(data, HERE / "results")
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))

@@ -110,10 +110,13 @@ def start(
     logs: Path,
     extra_env: dict[str, str] | None = None,
     gunicorn_threads: int = GUNICORN_THREADS,
+    wrapper: list[str] | None = None,
 ) -> ServerProcess:
     """Start ``variant``'s server on ``port`` with ``python``, pinned to ``core``.
 
-    ``gunicorn_threads`` is the thread count of the gunicorn worker (WSGI variants only).
+    ``gunicorn_threads`` is the thread count of the gunicorn worker (WSGI variants only);
+    ``wrapper`` is a command that runs the Python process (``valgrind ...``), which must
+    keep the same pid (exec, not fork).
     """
     if variant.server not in SERVE_MODULES:
         raise ValueError(f"Variant {variant.name!r} names an unknown server {variant.server!r}.")
@@ -130,6 +133,7 @@ def start(
         "taskset",
         "-c",
         str(core),
+        *(wrapper or []),
         python,
         "-m",
         SERVE_MODULES[variant.server],

@@ -94,7 +94,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _verdict(target: str, passed: bool | None, detail: str) -> dict[str, str]:
-    result = "not measured" if passed is None else ("PASS" if passed else "**FAIL**")
+    if passed is None:
+        # A row that only informs has no pass mark; its detail says what was measured.
+        result = "information" if target.endswith("(information)") else "not measured"
+    else:
+        result = "PASS" if passed else "**FAIL**"
     return {"target": target, "result": result, "detail": detail}
 
 
@@ -135,6 +139,7 @@ def targets(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, 
                 or "no run",
             )
         )
+    out.append(_instructions_verdict(data))
     behind = []
     compared = 0
     for row in ours:
@@ -215,3 +220,24 @@ def targets(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, 
         )
     )
     return out
+
+
+def _instructions_verdict(data: dict[str, Any]) -> dict[str, str]:
+    """The instruction count of ``/noop`` (information: the target is on req/s)."""
+    counted = data.get("instructions")
+    if not counted:
+        return _verdict(
+            "/noop instructions per request, callgrind (information)", None, "not in this run"
+        )
+    parts = []
+    for result in counted["results"]:
+        if result["case"] != "noop":
+            continue
+        for name, figures in result["variants"].items():
+            if not VARIANTS[name].is_baseline:
+                parts.append(f"{name} {figures['ratio']:.3f}x ({figures['added']:+,})")
+    return _verdict(
+        "/noop instructions per request, callgrind (information)",
+        None,
+        "; ".join(parts) or "no /noop count",
+    )
