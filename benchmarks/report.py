@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +145,9 @@ def _instruction_lines(data: dict[str, Any]) -> list[str]:
         "| backend | mode | case | variant | instructions/request | added | ratio |",
         "|---|---|---|---|--:|--:|--:|",
     ]
-    for result in counted["results"]:
-        for name, figures in result["variants"].items():
-            lines.append(
-                f"| {result['backend']} | {result['mode']} | {result['case']} | {name}"
-                f" | {figures['instructions']:,} | {figures['added']:+,} |"
-                f" {figures['ratio']:.3f}x |"
-            )
-    return lines
+    return lines + _variant_rows(
+        counted["results"], lambda f: f"{f['instructions']:,} | {f['added']:+,}"
+    )
 
 
 def _micro_lines(data: dict[str, Any]) -> list[str]:
@@ -170,14 +166,21 @@ def _micro_lines(data: dict[str, Any]) -> list[str]:
         "| backend | mode | case | variant | µs/request | µs added | ratio |",
         "|---|---|---|---|--:|--:|--:|",
     ]
-    for result in micro["results"]:
-        for name, figures in result["variants"].items():
-            lines.append(
-                f"| {result['backend']} | {result['mode']} | {result['case']} | {name}"
-                f" | {figures['us_per_request']:.1f} | {figures['added_us']:+.1f} |"
-                f" {figures['ratio']:.3f}x |"
-            )
-    return lines
+    return lines + _variant_rows(
+        micro["results"], lambda f: f"{f['us_per_request']:.1f} | {f['added_us']:+.1f}"
+    )
+
+
+def _variant_rows(
+    results: list[dict[str, Any]], cells: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """One table row per variant of each result: its key, ``cells(figures)``, its ratio."""
+    return [
+        f"| {result['backend']} | {result['mode']} | {result['case']} | {name}"
+        f" | {cells(figures)} | {figures['ratio']:.3f}x |"
+        for result in results
+        for name, figures in result["variants"].items()
+    ]
 
 
 def _soak_lines(data: dict[str, Any]) -> list[str]:

@@ -134,10 +134,7 @@ class SessionMiddleware:
             return
         # The common end: the response is complete and no unit is left (none was opened,
         # or the final message ended it).
-        try:
-            binding_var.reset(token)
-        except ValueError:
-            db._unbind(token)
+        db._unbind(token)
 
     async def _end_request(
         self, exchange: _Exchange, token: Token[Binding | None], failed: bool
