@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from contextvars import Token
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from sqlalchemy.orm import Session
@@ -297,17 +297,16 @@ class _RequestBinding(Binding):
     times as often under 256 connections (measured under uvicorn).
     """
 
+    # Made by _Exchange, which sets every slot itself: no __init__ call per request.
+    # ``answered``: the final response message has been forwarded (or ours sent).
     __slots__ = ("answered",)
-
-    def __init__(self, owner: SessionMiddleware) -> None:
-        # Binding.__init__ written out: one call less on every request.
-        self.unit = None
-        self.owner = owner
-        self.renewable = True
-        self.answered = False  # the final response message has been forwarded (or ours)
+    answered: bool
 
     def handling_request(self) -> bool:
         return not self.answered
+
+
+_new_binding = object.__new__
 
 
 class _Exchange:
@@ -334,7 +333,11 @@ class _Exchange:
     def __init__(
         self, middleware: SessionMiddleware, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        self.binding = _RequestBinding(middleware)
+        binding = self.binding = _new_binding(_RequestBinding)
+        binding.unit = None
+        binding.owner = middleware
+        binding.renewable = True
+        binding.answered = False
         self.middleware = middleware
         self.scope = scope
         self.receive = receive
@@ -449,14 +452,14 @@ def _is_final(message: Message) -> bool:
     return bool(kind == "http.response.pathsend")
 
 
-class _AlreadyDone:
-    """An awaitable that completes at once: what ``send`` returns for a message it holds."""
+class _AlreadyDone(tuple):  # type: ignore[type-arg]
+    """An awaitable that completes at once: what ``send`` returns for a message it holds.
+
+    Awaiting it iterates an empty tuple, all in C: no generator is made per message.
+    """
 
     __slots__ = ()
-
-    def __await__(self) -> Generator[None, None, None]:
-        return
-        yield  # a generator function: awaiting it finishes without suspending
+    __await__ = tuple.__iter__
 
 
-_ALREADY_DONE = _AlreadyDone()
+_ALREADY_DONE = cast("Awaitable[None]", _AlreadyDone())
