@@ -267,6 +267,9 @@ class _Response:
 
     def _end(self) -> None:
         """The body is complete (built, or exhausted): settle what it wrote, then remove."""
+        if self._unit.closed:
+            # A built body ended the unit when the app returned: this is its exhaustion.
+            return
         try:
             if not self._settled:
                 self._settle()
