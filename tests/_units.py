@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -44,20 +45,25 @@ def add(name: str) -> Callable[[Session], None]:
     return work
 
 
-def hold_first_commit(db: Database[Any]) -> tuple[anyio.Event, list[bool]]:
-    """Make the first COMMIT of an async ``db`` wait forever, so that it can be cancelled.
+def hold_first_commit(
+    db: Database[Any], release_after: float = 0.3
+) -> tuple[anyio.Event, list[bool]]:
+    """Make the first COMMIT of an async ``db`` wait on its way out, so that it can be cancelled.
 
     Returns the event set once that COMMIT is reached, and a list that then holds ``True``.
+    The COMMIT goes on ``release_after`` seconds later: once it is on its way its outcome is
+    awaited, whatever cancels the unit meanwhile (rule 17).
     """
     reached = anyio.Event()
-    never = anyio.Event()
+    release = anyio.Event()
     held: list[bool] = []
 
     def hold(connection: object) -> None:
         if not held:
             held.append(True)
             reached.set()
-            await_(never.wait())
+            asyncio.get_running_loop().call_later(release_after, release.set)
+            await_(release.wait())
 
     event.listen(db.sync_engine, "commit", hold)
     return reached, held

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from sessionscope import Database
-from sessionscope._unit import run_in_task
+from sessionscope._tasks import run_in_task
 
 from ._models import Child, Item
 from ._units import Boom, Rows, add, hold_first_commit, run_unit
@@ -623,20 +623,22 @@ async def test_cancelled_mid_query_returns_the_connection(
 async def test_cancelled_mid_commit_returns_the_connection(
     make_db: DatabaseFactory, rows: Rows, how: str
 ) -> None:
-    """A request cancelled while its COMMIT is under way must still give its connection back."""
+    """A unit cancelled once its COMMIT is on its way waits for the outcome (rule 17): the
+    data is stored, the cancellation is raised, and the connection is back.
+    """
     db = make_db()
     reached, held = hold_first_commit(db)
 
     async def unit() -> None:
         async with db.begin() as session:
-            session.add(Item(name="lost"))
+            session.add(Item(name="stored"))
 
     with anyio.fail_after(20):
         await _cancel_while(db, reached, unit, how)
     assert held == [True]
     assert_clean(db)
     await run_unit(db, add("next"))
-    assert rows() == ["next"]
+    assert rows() == ["stored", "next"]
 
 
 async def _interrupted_work(
@@ -673,7 +675,9 @@ async def test_run_in_task_interrupts_the_work_once_and_waits_for_its_cleanup(ho
         me = asyncio.current_task()
         try:
             with scope:
-                await run_in_task(lambda: _interrupted_work(me, log, started, cleanup_started))
+                await run_in_task(
+                    lambda cancel: _interrupted_work(me, log, started, cleanup_started)
+                )
             outcome.append("scope swallowed the cancellation")
         except asyncio.CancelledError:
             outcome.append(f"cancelled after {log[-1]!r}")
@@ -699,9 +703,9 @@ async def test_run_in_task_returns_the_result_and_raises_the_error_of_the_work()
     async def fail() -> None:
         raise Boom("from the work")
 
-    assert await run_in_task(answer) == 42
+    assert await run_in_task(lambda cancel: answer()) == 42
     with pytest.raises(Boom, match="from the work"):
-        await run_in_task(fail)
+        await run_in_task(lambda cancel: fail())
 
 
 @pytest.mark.anyio

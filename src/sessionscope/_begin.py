@@ -30,13 +30,14 @@ class _Begin:
             raise RuntimeError(
                 "This 'db.begin()' block was already entered; call 'db.begin()' again."
             )
-        unit = self._unit = self._db._open_unit()
-        self._token = self._db._bind(Binding(unit, owner=self))
+        units = self._db.units
+        unit = self._unit = units.open()
+        self._token = units.bind(Binding(unit, owner=self))
         return unit
 
     def _close_binding(self) -> None:
         assert self._token is not None
-        self._db._unbind(self._token)
+        self._db.units.unbind(self._token)
 
 
 class SyncBegin(_Begin):
@@ -58,7 +59,7 @@ class SyncBegin(_Begin):
     ) -> None:
         assert self._unit is not None
         try:
-            error = self._db._finish_sync(self._unit, commit=exc_type is None)
+            error = self._db.units.end(self._unit, commit=exc_type is None)
         finally:
             self._close_binding()
         if error is not None:
@@ -94,7 +95,7 @@ class AsyncBegin(_Begin):
     ) -> None:
         assert self._unit is not None
         try:
-            error = await self._db._finish_async(self._unit, commit=exc_type is None)
+            error = await self._db.units.end_async(self._unit, commit=exc_type is None)
         finally:
             self._close_binding()
         if error is not None:

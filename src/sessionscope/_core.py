@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, overload
+from typing import TYPE_CHECKING, Any, Generic, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
@@ -17,29 +14,15 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
-from sqlalchemy.util import ScopedRegistry
 from typing_extensions import TypeVar
 
-from . import _config
-from ._unit import (
-    Binding,
-    Unit,
-    close_async_session,
-    close_session,
-    commit_session,
-    rollback_session,
-    run_callbacks_async,
-    run_callbacks_sync,
-    run_in_task,
-    run_to_completion,
-)
+from . import _config, _tracking
+from ._units import UnitRegistry, Units
 
 if TYPE_CHECKING:
     from ._begin import AsyncBegin, SyncBegin
 
 __all__ = ["Database"]
-
-logger = logging.getLogger("sessionscope")
 
 SessionT = TypeVar("SessionT", Session, AsyncSession, default=Any)  # type: ignore[misc]
 
@@ -189,26 +172,22 @@ class Database(Generic[SessionT]):
         self._embedded = False
         self._registry: scoped_session[Session] | async_scoped_session[AsyncSession] | None
         self._registry = None
-        self._async = False
-        # Guards the one-time setup, a unit's opening through a binding, and the store and
-        # removal of a unit's session (see _UnitRegistry).
-        self._lock = threading.Lock()
-        self._binding: ContextVar[Binding | None] = ContextVar("sessionscope_unit", default=None)
-        self._units: set[Unit] = set()
+        self.units = Units(self)
+        """The units of work: what the adapters open and end (see ``_units``)."""
         if given:
             # Explicit configuration fails here, at start-up, rather than on the first request.
             self._setup()
 
     # -- configuration ------------------------------------------------------------------
 
-    def _configure(
+    def configure(
         self,
         url: str | URL | None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
     ) -> None:
         """Fill in what the constructor left open (used by ``init_app``)."""
-        with self._lock:
+        with self.units.lock:
             if self._registry is not None:
                 raise RuntimeError(
                     f"{self!r} is already in use, so its URL and options can no longer"
@@ -227,7 +206,7 @@ class Database(Generic[SessionT]):
         return self._registry is not None
 
     def _setup(self) -> scoped_session[Session] | async_scoped_session[AsyncSession]:
-        with self._lock:
+        with self.units.lock:
             if self._registry is not None:
                 return self._registry
             factory = self._session_factory
@@ -253,13 +232,16 @@ class Database(Generic[SessionT]):
                         " 'sessionmaker(engine)' or 'async_sessionmaker(engine)'."
                     )
                 self._engine = bind
+            assert self._engine is not None
+            _tracking.watch(self._engine)
+            units = self.units
             registry: scoped_session[Session] | async_scoped_session[AsyncSession]
             if isinstance(factory, async_sessionmaker):
-                registry = async_scoped_session(factory, scopefunc=self._scopefunc)
+                registry = async_scoped_session(factory, scopefunc=lambda: units.current().key)
             else:
-                registry = scoped_session(factory, scopefunc=self._scopefunc)
-            registry.registry = _UnitRegistry(self, registry.registry.createfunc)
-            self._async = isinstance(registry, async_scoped_session)
+                registry = scoped_session(factory, scopefunc=lambda: units.current().key)
+            registry.registry = UnitRegistry(units, registry.registry.createfunc)
+            units.is_async = isinstance(registry, async_scoped_session)
             self._registry = registry
             return registry
 
@@ -281,7 +263,7 @@ class Database(Generic[SessionT]):
         """Whether ``db.session`` is an ``AsyncSession`` (an asyncio driver)."""
         if self._registry is None:
             self._setup()
-        return self._async
+        return self.units.is_async
 
     @property
     def url(self) -> str:
@@ -296,96 +278,15 @@ class Database(Generic[SessionT]):
 
     # -- units of work ------------------------------------------------------------------
 
-    def _scopefunc(self) -> int:
-        return self._current().key
-
-    def _raise_no_unit(self, binding: Binding | None) -> NoReturn:
-        if binding is not None:
-            raise RuntimeError(
-                "The unit of work this code ran in has already finished, so 'db.session'"
-                " has no session to give: the request's session was committed or rolled"
-                " back and removed. Work that outlives the request must open its own unit"
-                " with 'with db.begin() as session:' (or 'async with')."
-            )
-        raise RuntimeError(
-            "No unit of work is active, so 'db.session' has no session to give."
-            " Install 'SessionMiddleware' (ASGI) or 'WSGISessionMiddleware', call"
-            " 'db.init_app(app)' (Flask), or use 'with db.begin() as session:'"
-            " ('async with' for an async driver)."
-        )
-
-    def _open_unit(self) -> Unit:
-        unit = Unit()
-        self._units.add(unit)
-        return unit
-
-    def _bind(self, binding: Binding) -> Token[Binding | None]:
-        return self._binding.set(binding)
-
-    def _unbind(self, token: Token[Binding | None]) -> None:
-        try:
-            self._binding.reset(token)
-        except ValueError:
-            # Reset from another context than the one that set it (a test fixture whose
-            # setup and teardown run apart): restore what it replaced instead.
-            self._binding.set(token.old_value if token.old_value is not Token.MISSING else None)
-
-    def _current(self) -> Unit:
-        binding = self._binding.get()
-        if binding is not None:
-            unit = binding.unit
-            if unit is not None and not unit.closed:
-                return unit
-            if unit is None and binding.renewable:
-                return self._renew(binding)
-        self._raise_no_unit(binding)
-
-    def _renew(self, binding: Binding) -> Unit:
-        """Open the fresh unit a renewable binding hands out on first use."""
-        with self._lock:
-            unit = binding.unit
-            if unit is None and binding.renewable:
-                unit = binding.unit = self._open_unit()
-            if unit is None or unit.closed:
-                self._raise_no_unit(binding)
-            return unit
-
-    def _session_of(self, unit: Unit) -> Session | AsyncSession | None:
-        registry = self._registry
-        if registry is None:
-            return None
-        session: Session | AsyncSession | None = registry.registry.registry.get(unit.key)
-        return session
-
-    def _take_session(self, unit: Unit) -> Session | AsyncSession | None:
-        """End ``unit`` and take its session out of the registry (exactly once)."""
-        with self._lock:  # atomic with the registry's insert (see _UnitRegistry)
-            if unit.closed:
-                return None
-            unit.closed = True
-            self._units.discard(unit)
-            registry = self._registry
-            if registry is None:
-                return None
-            session: Session | AsyncSession | None
-            session = registry.registry.registry.pop(unit.key, None)
-            return session
-
-    def in_transaction(self, unit: Unit) -> bool:
-        """Whether ``unit`` has a session with a transaction to end (no I/O, no creation)."""
-        session = self._session_of(unit)
-        return session is not None and session.in_transaction()
-
     @property
     def live_units(self) -> int:
         """How many units of work are open now (for tests and leak checks)."""
-        return len(self._units)
+        return self.units.live_units
 
     @property
     def live_sessions(self) -> int:
         """How many sessions the registry holds now (for tests and leak checks)."""
-        registry = self._registry
-        return 0 if registry is None else len(registry.registry.registry)
+        return self.units.live_sessions
 
     def after_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback()`` after the current unit commits successfully.
@@ -393,8 +294,15 @@ class Database(Generic[SessionT]):
         Callbacks run in the order they were registered and only if the commit succeeded;
         a rollback drops them. One that raises is logged and changes neither the response
         nor the next unit. With an async database a callback may be a coroutine function.
+
+        A callback runs once the commit that covers it has succeeded: the unit's own
+        commit, or one the app made itself (``db.session.commit()``), even if the unit
+        then rolls back what it wrote after it. Callbacks run when the unit settles (as
+        the response starts, at the end of a stream, at the end of a ``db.begin()`` block),
+        after its session was removed when it is removed; for a synchronous database
+        under ``SessionMiddleware`` in a worker thread, never on the event loop.
         """
-        unit = self._current()
+        unit = self.units.current()
         if unit.callbacks is None:
             unit.callbacks = [callback]
         else:
@@ -405,7 +313,7 @@ class Database(Generic[SessionT]):
 
         For dry runs and for validation that fails after writes were flushed.
         """
-        self._current().rollback_only = True
+        self.units.current().rollback_only = True
 
     def init_app(self, app: Any, **options: Any) -> None:
         """Manage this database's sessions for a Flask app, as a Flask extension.
@@ -440,89 +348,6 @@ class Database(Generic[SessionT]):
 
         return AsyncBegin(self) if self.is_async else SyncBegin(self)
 
-    # -- ending a unit (sync) -----------------------------------------------------------
-
-    def _settle_sync(self, unit: Unit, commit: bool) -> BaseException | None:
-        """Commit or roll back ``unit``'s open transaction and keep its session."""
-        session = self._session_of(unit)
-        if session is None or not session.in_transaction():
-            return None
-        assert isinstance(session, Session)
-        if commit and not unit.rollback_only:
-            error = commit_session(session)
-            if error is None:
-                logger.debug("Unit %s committed", unit.key)
-                run_callbacks_sync(unit)
-            return error
-        rollback_session(session)
-        unit.callbacks = None
-        logger.debug("Unit %s rolled back", unit.key)
-        return None
-
-    def _finish_sync(self, unit: Unit, commit: bool) -> BaseException | None:
-        """Commit or roll back, then remove: the whole end of a unit, in one call."""
-        try:
-            if commit:
-                return self._settle_sync(unit, commit=True)
-            return None
-        finally:
-            self._remove_sync(unit)
-
-    def _remove_sync(self, unit: Unit) -> None:
-        session = self._take_session(unit)
-        if session is not None:
-            assert isinstance(session, Session)
-            close_session(session)
-
-    # -- ending a unit (async) ----------------------------------------------------------
-
-    async def _settle_async(self, unit: Unit, commit: bool) -> BaseException | None:
-        """Commit or roll back, keeping the session, in a task of its own (``run_in_task``)."""
-        return await run_in_task(lambda: self._settle_async_here(unit, commit))
-
-    async def _settle_async_here(self, unit: Unit, commit: bool) -> BaseException | None:
-        session = self._session_of(unit)
-        if session is None or not session.in_transaction():
-            return None
-        assert isinstance(session, AsyncSession)
-        if commit and not unit.rollback_only:
-            error = await session.run_sync(commit_session)
-            if error is None:
-                logger.debug("Unit %s committed", unit.key)
-                await run_callbacks_async(unit)
-            return error
-        await session.run_sync(rollback_session)
-        unit.callbacks = None
-        logger.debug("Unit %s rolled back", unit.key)
-        return None
-
-    async def _finish_async(self, unit: Unit, commit: bool) -> BaseException | None:
-        """Commit or roll back, then remove, in a task of its own (see ``run_in_task``)."""
-        return await run_in_task(lambda: self._end_async(unit, commit))
-
-    async def _end_async(self, unit: Unit, commit: bool) -> BaseException | None:
-        try:
-            if commit:
-                return await self._settle_async_here(unit, commit=True)
-            return None
-        finally:
-            await self._remove_async(unit)
-
-    async def _remove_async(self, unit: Unit) -> None:
-        session = self._take_session(unit)
-        if session is None:
-            return
-        assert isinstance(session, AsyncSession)
-        if not session.in_transaction():
-            # No transaction means no connection: closing only clears the identity map and
-            # never awaits, so there is nothing for a cancellation to interrupt, and no
-            # need for a task of its own.
-            close_session(session.sync_session)
-            return
-        # Shielded and run to completion: a cancelled request must still give its
-        # connection back, and never leave it to the garbage collector.
-        await run_to_completion(lambda: close_async_session(session))
-
     # -- engines --------------------------------------------------------------------------
 
     def dispose(self) -> None:
@@ -545,41 +370,3 @@ class Database(Generic[SessionT]):
             await self._engine.dispose()
         else:
             self._engine.dispose()
-
-
-class _UnitRegistry(ScopedRegistry[Any]):
-    """The scoped registry's store: a session per live unit, never one for a unit that ended.
-
-    SQLAlchemy's registry builds a missing session and then stores it, in two steps. A
-    thread that makes a unit's first ``db.session`` call as the request ends could store
-    its session after the unit was removed: an orphan that no one closes, holding its
-    connection. Here the store happens under the database's lock, which ``_take_session``
-    also holds when it ends a unit, so a session is stored only while its unit is live.
-    """
-
-    __slots__ = ("_db",)
-
-    def __init__(self, db: Database[Any], createfunc: Callable[[], Any]) -> None:
-        super().__init__(createfunc, db._scopefunc)
-        self._db = db
-
-    def __call__(self) -> Any:
-        db = self._db
-        unit = db._current()
-        try:
-            return self.registry[unit.key]
-        except KeyError:
-            pass
-        return self._store(unit, self.createfunc())
-
-    def set(self, obj: Any) -> None:
-        self._store(self._db._current(), obj)
-
-    def _store(self, unit: Unit, session: Any) -> Any:
-        db = self._db
-        with db._lock:
-            if not unit.closed:
-                return self.registry.setdefault(unit.key, session)
-        # The unit ended while the session was being built: it never had a connection.
-        close_session(session.sync_session if isinstance(session, AsyncSession) else session)
-        db._raise_no_unit(db._binding.get())

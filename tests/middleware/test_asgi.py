@@ -598,14 +598,15 @@ async def test_sync_endpoint_shares_the_request_session(
 
 @pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
 @pytest.mark.parametrize("commit_in_thread", [False, True])
-async def test_sync_sessions_end_inline_only_when_holding_a_clean_connection(
+async def test_sync_sessions_end_inline_only_when_they_only_read(
     make_db: DatabaseFactory,
     backend: Backend,
     rows: Callable[[], list[str]],
     commit_in_thread: bool,
 ) -> None:
-    """A flushed session commits on the loop; an add-only one (it may wait for the pool)
-    commits in a worker thread; ``commit_in_thread`` sends both to a thread."""
+    """Only a session that ran nothing but SELECTs on a connection it holds commits on the
+    loop (such a COMMIT cannot wait); a flushed or add-only one commits in a worker thread
+    (rule 16); ``commit_in_thread`` sends them all to a thread."""
     import threading
 
     db = make_db()
@@ -618,12 +619,13 @@ async def test_sync_sessions_end_inline_only_when_holding_a_clean_connection(
     )
     app = build_app(db, commit_in_thread=commit_in_thread)
     async with client(app) as http:
+        assert (await http.get("/items")).status_code == 200
         assert (await http.post("/items/flushed?status=201")).status_code == 201
         assert (await http.post("/add-only/pending")).status_code == 200
         assert (await http.post("/http-error/refused")).status_code == 409
         assert (await http.post("/orphan")).status_code == 500
     assert rows() == ["flushed", "pending"]
-    # flushed, pending, and the orphan's COMMIT attempt (add-only, so in a thread); MariaDB
-    # refuses the orphan at the flush, before any COMMIT.
-    expected = [not commit_in_thread, False] + ([] if backend.name == "mariadb" else [False])
-    assert committed_on == expected
+    # the read, flushed, pending, and the orphan's COMMIT attempt (add-only, so in a thread);
+    # MariaDB refuses the orphan at the flush, before any COMMIT.
+    expected = [not commit_in_thread, False, False]
+    assert committed_on == expected + ([] if backend.name == "mariadb" else [False])

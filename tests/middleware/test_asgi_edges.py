@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -22,7 +23,7 @@ from sessionscope._types import Message, Receive, Scope, Send
 from .._models import Child, Item
 from ..conftest import DatabaseFactory, backend_params
 from ._asgi_apps import insert, nothing_left, with_route
-from ._driver import call, http_scope
+from ._driver import Exchange, call, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -72,11 +73,11 @@ async def test_background_work_after_a_failed_commit_still_gets_its_own_unit(
 
 
 @pytest.mark.parametrize("backend", SQLITE, indirect=True)
-async def test_stream_that_writes_before_its_first_chunk_gets_a_500_if_that_fails(
+async def test_stream_whose_early_write_fails_to_commit_is_left_incomplete(
     make_db: DatabaseFactory, rows: Callable[[], list[str]]
 ) -> None:
-    """The start waits for the first chunk, so writes made before it are settled while a
-    clean 500 can still replace the response.
+    """A write the body makes before its first chunk is stream work (rule 9): the start has
+    left already, so a commit of it that fails withholds the final message instead.
     """
     db = make_db()
 
@@ -88,18 +89,23 @@ async def test_stream_that_writes_before_its_first_chunk_gets_a_500_if_that_fail
 
         return StreamingResponse(body())
 
-    exchange = await call(with_route(db, "/stream-early", endpoint), "POST", "/stream-early")
-    assert exchange.status == 500
-    assert exchange.complete
+    exchange = Exchange()
+    with pytest.raises(sa.exc.IntegrityError):
+        await call(with_route(db, "/stream-early", endpoint), "POST", "/stream-early", exchange)
+    assert exchange.status == 200
+    assert exchange.body == b"first;last"  # Starlette ends with an empty final message
+    assert not exchange.complete
+    assert nothing_left(db) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("backend", SQLITE, indirect=True)
 @pytest.mark.parametrize("how", ["raises", "cancelled"])
-async def test_start_only_response_whose_send_fails_leaves_nothing(
+async def test_start_only_response_whose_send_fails_leaves_nothing_open(
     make_db: DatabaseFactory, rows: Callable[[], list[str]], how: str
 ) -> None:
     """The app wrote, sent a start with no body and returned; forwarding that start can
-    fail (the client is gone) or be cancelled: the unit is rolled back and removed anyway.
+    fail (the client is gone) or be cancelled: what was written before the start was
+    committed before it left (rule 3), and the unit is removed anyway.
     """
     db = make_db()
 
@@ -124,7 +130,7 @@ async def test_start_only_response_whose_send_fails_leaves_nothing(
             await middleware(http_scope("POST", "/"), receive, send)
         assert scope.cancelled_caught
     assert nothing_left(db) == (0, 0, 0)
-    assert rows() == []
+    assert rows() == ["start-only"]
 
 
 @pytest.mark.parametrize("backend", SQLITE, indirect=True)
@@ -189,7 +195,7 @@ async def test_the_binding_keeps_nothing_of_the_request_alive(make_db: DatabaseF
     seen: list[object] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        binding = db._binding.get()
+        binding = db.units.binding.get()
         seen.extend(gc.get_referents(binding))
         for referent in gc.get_referents(binding):
             seen.extend(gc.get_referents(referent))

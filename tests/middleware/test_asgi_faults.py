@@ -294,17 +294,19 @@ async def test_after_commit_listener_that_raises_keeps_the_response_and_the_data
 async def test_request_cancelled_inside_its_commit_returns_the_connection(
     make_db: DatabaseFactory, rows: Rows, how: str
 ) -> None:
-    """A request cancelled while the middleware commits sends nothing and frees its slot."""
+    """A request cancelled once the middleware's COMMIT is on its way sends nothing, waits
+    for the COMMIT's outcome (rule 17: the row is stored) and frees its slot.
+    """
     db = make_db(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5})
     reached, held = hold_first_commit(db)
     app = build_app(db)
     with anyio.fail_after(20):
-        await cancel_request(app, "/items/lost", reached, how)
+        await cancel_request(app, "/items/stored", reached, how)
     assert held == [True]
     pool_clean(db)
     with anyio.fail_after(5):
         assert (await call(app, "POST", "/items/next")).status == 200
-    assert rows() == ["next"]
+    assert rows() == ["stored", "next"]
 
 
 @pytest.mark.parametrize("how", ["task.cancel", "cancel scope"])

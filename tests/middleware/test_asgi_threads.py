@@ -132,7 +132,7 @@ async def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
     """
     db: Database[Session] = make_db()
     opening = threading.Event()
-    open_unit = db._open_unit
+    open_unit = db.units.open
     in_thread = threading.local()
 
     def slow_open_unit() -> Any:
@@ -141,7 +141,7 @@ async def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
             threading.Event().wait(0.2)  # the loop reaches the end of the request meanwhile
         return open_unit()
 
-    db._open_unit = slow_open_unit  # type: ignore[method-assign]
+    db.units.open = slow_open_unit  # type: ignore[method-assign]
 
     def use() -> object:
         in_thread.slow = True

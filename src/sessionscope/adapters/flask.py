@@ -127,7 +127,7 @@ def _configure(db: Database[Any], app: Flask) -> None:
         dict(config.get("SQLALCHEMY_SESSION_OPTIONS") or {}),
     )
     if not db.is_configured:
-        db._configure(*settings)
+        db.configure(*settings)
         _configured_from[db] = settings
         return
     if _configured_from.get(db) == settings:
@@ -165,16 +165,17 @@ class _AppContextUnits:
 
     def pushed(self, app: Flask, **extra: Any) -> None:
         db = self.db
-        outer = db._binding.get()
+        units = db.units
+        outer = units.binding.get()
         if outer is not None and (
             (outer.unit is not None and not outer.unit.closed) or outer.renewable
         ):
             # Inside a unit, or inside an ASGI request whose unit opens on first use (or
             # after its response, where 'db.session' opens the unit of the work after it).
             return
-        unit = db._open_unit()
+        unit = units.open()
         binding = Binding(unit, owner=self)
-        token = db._bind(binding)
+        token = units.bind(binding)
         entries: dict[_AppContextUnits, _Entry] = g.setdefault(_G_KEY, {})
         entries[self] = _Entry(unit, binding, token)
 
@@ -190,10 +191,10 @@ class _AppContextUnits:
         try:
             # Never committed: work outside a request commits itself ('db.session.commit()'
             # or 'with db.begin():').
-            self.db._remove_sync(entry.unit)
+            self.db.units.remove(entry.unit)
         finally:
             entry.binding.unit = None
-            self.db._unbind(entry.token)
+            self.db.units.unbind(entry.token)
 
 
 class _Entry:

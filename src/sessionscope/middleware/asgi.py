@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextvars import Token
-from typing import TYPE_CHECKING, Any, cast
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from sqlalchemy.orm import Session
 
-from .._threads import run_blocking
 from .._types import ASGIApp, Message, Receive, Scope, Send
-from .._unit import Binding, Unit, default_commit_on
+from .._unit import Binding, default_commit_on
 
 if TYPE_CHECKING:
     from .._core import Database
@@ -31,10 +29,14 @@ _FAILURE_START: Message = {
     ],
 }
 
-# Where a response is: nothing sent yet; start held back until the first body message;
-# streaming (start forwarded); done (the final body forwarded, or dropped after our 500);
-# replaced (our 500 was sent instead of the app's response, whose body is still running).
-_BEFORE, _HELD, _STREAMING, _DONE, _REPLACED = range(5)
+# Where a response is: nothing sent yet; started (the start forwarded, the body streaming);
+# done (the final message forwarded, or dropped after our 500); replaced (our 500 was sent
+# instead of the app's response, whose body is still running).
+_BEFORE, _STREAMING, _DONE, _REPLACED = range(4)
+
+# The databases whose SessionMiddleware is passing the lifespan on, to catch one installed
+# twice before the first request.
+_lifespans: ContextVar[tuple[Database[Any], ...]] = ContextVar("sessionscope_lifespans", default=())
 
 
 class SessionMiddleware:
@@ -42,18 +44,25 @@ class SessionMiddleware:
 
     Inside a request ``db.session`` is the request's session, created on first use (a
     request that never touches it costs no session and no connection). When the app sends
-    ``http.response.start``, the middleware holds the message back until the first body
-    message; then, if the request used the session, it commits if ``commit_on(status)`` is
-    true (default: below 400) and nothing vetoed it, otherwise rolls back; only then does
-    the status reach the server. If the commit fails the client gets a 500 (or what
-    ``on_commit_error`` returns) instead of the app's response; the app's later messages
-    are dropped and what its body writes meanwhile is rolled back.
+    ``http.response.start`` and the request used the session, the middleware commits what
+    was written so far if ``commit_on(status)`` is true (default: below 400) and nothing
+    vetoed it, otherwise rolls it back; only then does the status reach the server. If the
+    commit fails the client gets a 500 (or what ``on_commit_error`` returns) instead of the
+    app's response; the app's later messages are dropped and what its body writes
+    meanwhile is rolled back.
 
-    Streaming bodies: the session stays usable while the body streams; writes made during
-    the stream are committed (or rolled back, by the same status decision) before the final
-    chunk is forwarded. If that commit fails the final chunk is withheld and the error is
-    raised, so the client sees an incomplete response, never a complete one. A client that
-    disconnects mid-stream gets everything after the start rolled back.
+    Streaming bodies: the session stays usable while the body streams. What the body
+    writes (before or after its first chunk) is committed, by the same status decision,
+    before the final body message (or the final trailers message, when the start announced
+    trailers) is forwarded; if that commit fails the final message is withheld and the
+    error is raised, so the client sees an incomplete response, never a complete one. A
+    body that raises, or a client that disconnects mid-stream, gets it rolled back.
+
+    The event loop never waits on the database: a sync session's commit, rollback and
+    close run on the loop only when they cannot wait (a transaction that only ran
+    SELECTs, on a connection it already holds, with no after-commit callbacks); everything
+    else runs in a worker thread outside the endpoints' thread limiter. A request cancelled
+    before its COMMIT is sent is rolled back; one cancelled after it waits for the outcome.
 
     Work after the response (Starlette ``BackgroundTasks``) runs once the request's session
     is removed and its connection returned; ``db.session`` there is a fresh unit, committed
@@ -61,8 +70,8 @@ class SessionMiddleware:
 
     ``websocket`` connections get a unit for their lifetime that is never committed for
     you (commit explicitly); it is rolled back and removed when the socket closes.
-    ``lifespan`` passes through; at shutdown the engines the ``Database`` created are
-    disposed.
+    ``lifespan`` passes through; the startup fails if the middleware is installed twice for
+    one database; at shutdown the engines the ``Database`` created are disposed.
 
     :param app: the ASGI app to wrap.
     :param db: the ``Database``; default ``sessionscope.db`` (``DATABASE_URL`` or the
@@ -72,15 +81,12 @@ class SessionMiddleware:
         ``Response`` is one) that sends the replacement response. Default: plain 500.
     :param dispose_on_shutdown: dispose the engines the ``Database`` created at lifespan
         shutdown.
-    :param commit_in_thread: for sync sessions, always run the commit, rollback and close
-        in a worker thread. By default a session that already holds its connection and has
-        nothing left to flush is ended on the event loop (one statement, no pool wait),
-        which the benchmarks show is much cheaper than a thread hop; everything else goes
-        to a worker thread outside the endpoints' thread limiter.
+    :param commit_in_thread: for sync sessions, end every unit in a worker thread, even one
+        that could end on the event loop (one that only read).
     """
 
-    # Marks its websocket bindings as handled by a middleware, to catch one installed twice.
-    _opens_requests = True
+    # Marks its bindings as handled by a middleware, to catch one installed twice.
+    opens_requests = True
 
     def __init__(
         self,
@@ -98,10 +104,12 @@ class SessionMiddleware:
             db = default_db
         self.app = app
         self.db = db
+        self.units = db.units
         self.commit_on = commit_on
         self.on_commit_error = on_commit_error
         self.dispose_on_shutdown = dispose_on_shutdown
         self.commit_in_thread = commit_in_thread
+        self.inline = not commit_in_thread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,8 +120,8 @@ class SessionMiddleware:
         # and opens the request's unit through it on first use) and the exchange that
         # wraps its send are made here; a request that never uses the session opens no
         # unit.
-        db = self.db
-        binding_var = db._binding
+        units = self.units
+        binding_var = units.binding
         outer = binding_var.get()
         if outer is not None:
             self._refuse_nesting(outer)
@@ -126,50 +134,40 @@ class SessionMiddleware:
             await self._end_request(exchange, token, failed=True)
             raise
         # From here on no unit opens through this binding. A thread may be opening one
-        # right now, under the database's lock: wait for it, so that its unit is seen
-        # below. (Checked, not taken, in the common case: taking it cost ~0.3 us.)
+        # right now, under the lock: then the slow end waits for it. (Checked, not taken,
+        # in the common case: taking it cost ~0.3 us.)
         binding.renewable = False
-        if db._lock.locked() or binding.unit is not None or exchange.state != _DONE:
+        if units.lock.locked() or binding.unit is not None or exchange.state != _DONE:
             await self._end_request(exchange, token, failed=False)
             return
         # The common end: the response is complete and no unit is left (none was opened,
         # or the final message ended it).
-        db._unbind(token)
+        binding_var.reset(token)
 
     async def _end_request(
         self, exchange: _Exchange, token: Token[Binding | None], failed: bool
     ) -> None:
-        """End what the request left behind: its unit, a start with no body, its binding."""
-        db = self.db
-        binding = exchange.binding
-        binding.renewable = False
-        if db._lock.locked():
-            with db._lock:
-                pass
-        state = exchange.state
-        unit = binding.unit
-        binding.unit = None
+        """End the unit the request left behind, and its binding."""
+        units = self.units
         try:
-            # The unit still bound is the request's if its response never completed (an
-            # error, a disconnect, a cancellation, a replaced response: nothing of it is
-            # committed), else the one work after the response opened (committed unless
-            # the app raised).
-            if unit is not None and not unit.closed:
+            unit = units.close_binding(exchange.binding)
+            if unit is not None:
+                # The request's unit if its response never completed (an error, a
+                # disconnect, a cancellation, a replaced response, a start with no body:
+                # nothing more of it is committed), else the unit that work after the
+                # response opened (committed unless the app raised).
                 with anyio.CancelScope(shield=True):
-                    await self._finish(unit, commit=state == _DONE and not failed)
-            held = exchange.held
-            if not failed and state == _HELD and held is not None:
-                # The app returned after a start with no body: let the server see what it
-                # sent, now that nothing of it is committed.
-                await exchange._server_send(held)
+                    await units.end_async(
+                        unit, commit=exchange.state == _DONE and not failed, inline=self.inline
+                    )
         finally:
-            db._unbind(token)
+            units.unbind(token)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "websocket":
             await self._websocket(scope, receive, send)
-        elif kind == "lifespan" and self.dispose_on_shutdown:
+        elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -179,12 +177,15 @@ class SessionMiddleware:
         # once an ASGI response is complete, work after it may call the app in-process (an
         # internal sub-request) with units of its own.
         if outer.handling_request():
-            raise RuntimeError(
-                f"A '{type(outer.owner).__name__}' for {self.db!r} is already handling"
-                " this request: the middleware is installed twice for one database. Keep"
-                " one (for Starlette, 'app.add_middleware(SessionMiddleware, db=db)' once;"
-                " a Flask app served inside it needs no 'db.init_app' of its own)."
-            )
+            raise RuntimeError(self._twice(type(outer.owner).__name__))
+
+    def _twice(self, outer: str) -> str:
+        return (
+            f"A '{outer}' for {self.db!r} is already handling this request: the"
+            " middleware is installed twice for one database. Keep one (for Starlette,"
+            " 'app.add_middleware(SessionMiddleware, db=db)' once; a Flask app served"
+            " inside it needs no 'db.init_app' of its own)."
+        )
 
     async def _send_failure(
         self, error: BaseException, scope: Scope, receive: Receive, send: Send
@@ -201,90 +202,53 @@ class SessionMiddleware:
         await send(_FAILURE_START)
         await send({"type": "http.response.body", "body": _FAILURE_BODY})
 
-    # -- ending units, on the loop or in a thread ---------------------------------------
-
-    async def _settle(self, unit: Unit, commit: bool) -> BaseException | None:
-        """Commit or roll back what the unit holds, keeping its session for the stream."""
-        db = self.db
-        if not db.in_transaction(unit):
-            return None
-        if db.is_async:
-            return await db._settle_async(unit, commit)
-        if self._may_run_inline(unit):
-            return db._settle_sync(unit, commit)
-        return await run_blocking(db._settle_sync, unit, commit)
-
-    async def _finish(self, unit: Unit, commit: bool) -> BaseException | None:
-        """Commit or roll back, then remove the unit's session: exactly once."""
-        db = self.db
-        session = db._session_of(unit)
-        if session is None or not session.in_transaction():
-            # Nothing to commit and nothing on the wire: closing is pure bookkeeping.
-            await self._remove(unit)
-            return None
-        if db.is_async:
-            return await db._finish_async(unit, commit)
-        if self._may_run_inline(unit):
-            return db._finish_sync(unit, commit)
-        return await run_blocking(db._finish_sync, unit, commit)
-
-    async def _remove(self, unit: Unit) -> None:
-        db = self.db
-        if db.is_async:
-            await db._remove_async(unit)
-        elif db.in_transaction(unit) and not self._may_run_inline(unit):
-            await run_blocking(db._remove_sync, unit)
-        else:
-            db._remove_sync(unit)
-
-    def _may_run_inline(self, unit: Unit) -> bool:
-        """Whether ending a sync session is quick and safe enough for the event loop.
-
-        Measured (benchmarks/): a worker-thread hop costs far more than a COMMIT or ROLLBACK
-        on a connection the session already holds. Such a session has nothing to check
-        out, so it cannot wait for the pool; with nothing left to flush it sends one
-        statement. A session that only add()ed (its connection is checked out inside the
-        commit, possibly waiting for the pool) or has changes to flush goes to a thread.
-        """
-        if self.commit_in_thread:
-            return False
-        session = self.db._session_of(unit)
-        if not isinstance(session, Session):
-            return False
-        transaction = session.get_transaction()
-        if transaction is None or not transaction.connections:
-            return False
-        return not (session.new or session.deleted or session.dirty)
-
     # -- other scopes -------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        db = self.db
-        outer = db._binding.get()
+        units = self.units
+        outer = units.binding.get()
         if outer is not None:
             self._refuse_nesting(outer)
-        unit = db._open_unit()
-        binding = Binding(unit, owner=self)
-        token = db._bind(binding)
+        binding = Binding(units.open(), owner=self)
+        token = units.bind(binding)
         try:
             await self.app(scope, receive, send)
         finally:
-            binding.unit = None
-            with anyio.CancelScope(shield=True):
-                # Never committed for the app: a socket has no status to decide by.
-                await self._finish(unit, commit=False)
-            db._unbind(token)
+            try:
+                unit = units.close_binding(binding)
+                if unit is not None:
+                    with anyio.CancelScope(shield=True):
+                        # Never committed for the app: a socket has no status to decide by.
+                        await units.end_async(unit, commit=False, inline=self.inline)
+            finally:
+                units.unbind(token)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outer = _lifespans.get()
+        if self.db in outer:
+            await self._refuse_startup(receive, send)
+            return
+
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+            if message["type"] == "lifespan.shutdown.complete" and self.dispose_on_shutdown:
                 try:
                     await self.db.dispose_async()
                 except Exception:
                     logger.exception("Disposing %r at shutdown failed", self.db)
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+        token = _lifespans.set((*outer, self.db))
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            _lifespans.reset(token)
+
+    async def _refuse_startup(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            error = self._twice("SessionMiddleware")
+            logger.error("%s", error)
+            await send({"type": "lifespan.startup.failed", "message": error})
 
 
 class _RequestBinding(Binding):
@@ -312,22 +276,21 @@ _new_binding = object.__new__
 class _Exchange:
     """One HTTP request under the middleware: its binding, and the ``send`` its app gets.
 
-    While the request has no unit (it has not used ``db.session``, or its unit is settled)
+    While the request has no unit (it has not used ``db.session``, or its unit has ended)
     ``send`` is a plain function that hands back the server's own awaitable, so such a
-    response costs no coroutine of the middleware's besides the one that releases the
-    held start. Otherwise the start is held back until the first body message and the unit
-    is settled before it leaves (``_settle_and_send``).
+    response costs no coroutine of the middleware's. Otherwise the unit settles before the
+    start leaves (``_start``) and ends before the final message leaves (``_final``).
     """
 
     __slots__ = (
         "_server_send",
         "binding",
-        "held",
         "middleware",
         "receive",
         "scope",
         "state",
         "status",
+        "trailers",
     )
 
     def __init__(
@@ -343,123 +306,81 @@ class _Exchange:
         self.receive = receive
         self._server_send = send
         self.state = _BEFORE
-        self.held: Message | None = None
         self.status = 0
-
-    def _done(self) -> None:
-        self.state = _DONE
-        self.binding.answered = True
+        self.trailers = False
 
     def send(self, message: Message) -> Awaitable[None]:
         state = self.state
+        if state == _STREAMING:
+            if not self._is_final(message):
+                return self._server_send(message)
+            if self.binding.unit is None:
+                self.state = _DONE
+                self.binding.answered = True
+                return self._server_send(message)
+            return self._final(message)
         if state == _BEFORE:
             if message["type"] != "http.response.start":
                 return self._server_send(message)
-            # Held until the first body message: a unit that the body opens before its
-            # first chunk is still settled before the status leaves.
-            self.held = message
-            self.state = _HELD
-            return _ALREADY_DONE
+            self.status = message["status"]
+            self.trailers = bool(message.get("trailers", False))
+            self.state = _STREAMING
+            if self.binding.unit is None:
+                return self._server_send(message)
+            return self._start(message)
         if state == _DONE:
             return self._server_send(message)
-        if self.binding.unit is None:
-            if state == _HELD:
-                return self._release(message)
-            if state == _STREAMING:
-                if _is_final(message):
-                    self._done()
-                return self._server_send(message)
-        return self._settle_and_send(message)
+        return self._drop(message)
 
-    async def _release(self, message: Message) -> None:
-        """Nothing to settle: let the held start out, then ``message``."""
-        start = self.held
-        self.held = None
-        assert start is not None
-        # The common case first, without a call: a whole body in one message.
-        if (message["type"] == "http.response.body" and not message.get("more_body")) or (
-            _is_final(message)
-        ):
-            self.state = _DONE
-            self.binding.answered = True
-        else:
-            # A unit that the stream opens from here on is settled by this status.
-            self.status = start["status"]
-            self.state = _STREAMING
-        await self._server_send(start)
+    def _is_final(self, message: Message) -> bool:
+        kind = message["type"]
+        if self.trailers:
+            return kind == "http.response.trailers" and not message.get("more_trailers", False)
+        if kind == "http.response.body" or kind == "http.response.zerocopysend":
+            return not message.get("more_body", False)
+        return bool(kind == "http.response.pathsend")
+
+    async def _start(self, start: Message) -> None:
+        """Settle what was written before the start, then let the start out."""
+        middleware = self.middleware
+        units = middleware.units
+        unit = self.binding.unit
+        assert unit is not None
+        commit = middleware.commit_on(self.status)
+        error = await units.end_async(unit, commit, keep=True, inline=middleware.inline)
+        if error is None:
+            await self._server_send(start)
+            return
+        # Our 500 replaces the app's response: the rest of it is dropped (_drop), and what
+        # its body writes from here on, in a unit of its own, is rolled back.
+        self.state = _REPLACED
+        self.binding.unit = None
+        await units.end_async(unit, commit=False, inline=middleware.inline)
+        await middleware._send_failure(error, self.scope, self.receive, self._server_send)
+
+    async def _final(self, message: Message) -> None:
+        """Commit what the stream wrote before its final message leaves."""
+        middleware = self.middleware
+        unit = self.binding.unit
+        assert unit is not None
+        self.state = _DONE
+        self.binding.answered = True
+        commit = middleware.commit_on(self.status)
+        error = await middleware.units.end_async(unit, commit, inline=middleware.inline)
+        self.binding.unit = None
+        if error is not None:
+            # Too late for a 500: withhold the final message so the response is visibly
+            # incomplete, and let the server abort the connection.
+            raise error
         await self._server_send(message)
 
-    async def _settle_and_send(self, message: Message) -> None:
-        state = self.state
-        middleware = self.middleware
-        final = _is_final(message)
+    async def _drop(self, message: Message) -> None:
+        """Our 500 replaced the app's response: drop the rest of it."""
+        if not self._is_final(message):
+            return
+        self.state = _DONE
+        self.binding.answered = True
         unit = self.binding.unit
-        if state == _REPLACED:
-            # Our 500 replaced the app's response: drop the rest of it, and roll back what
-            # its body wrote meanwhile. Work after its final message is not part of it.
-            if final:
-                self._done()
-                if unit is not None:
-                    self.binding.unit = None
-                    await middleware._finish(unit, commit=False)
-            return
-        send = self._server_send
-        if state == _HELD:
-            # The unit was open when the start came: settle it, then let the start out.
-            start, self.held = self.held, None
-            assert start is not None
-            assert unit is not None
-            commit = middleware.commit_on(start["status"])
-            if final:
-                error = await middleware._finish(unit, commit)
-            else:
-                error = await middleware._settle(unit, commit)
-            if error is not None:
-                if final:
-                    self._done()
-                else:
-                    self.state = _REPLACED
-                await middleware._finish(unit, commit=False)
-                self.binding.unit = None
-                await middleware._send_failure(error, self.scope, self.receive, send)
-                return
-            await send(start)
-            if final:
-                self._done()
-                self.binding.unit = None
-            else:
-                self.status = start["status"]
-                self.state = _STREAMING
-            await send(message)
-            return
-        # Streaming: commit what the stream wrote before its final chunk leaves.
-        if final:
-            self._done()
-            if unit is not None:
-                error = await middleware._finish(unit, middleware.commit_on(self.status))
-                self.binding.unit = None
-                if error is not None:
-                    # Too late for a 500: withhold the last chunk so the response is
-                    # visibly incomplete, and let the server abort the connection.
-                    raise error
-        await send(message)
-
-
-def _is_final(message: Message) -> bool:
-    kind = message["type"]
-    if kind == "http.response.body" or kind == "http.response.zerocopysend":
-        return not message.get("more_body", False)
-    return bool(kind == "http.response.pathsend")
-
-
-class _AlreadyDone(tuple):  # type: ignore[type-arg]
-    """An awaitable that completes at once: what ``send`` returns for a message it holds.
-
-    Awaiting it iterates an empty tuple, all in C: no generator is made per message.
-    """
-
-    __slots__ = ()
-    __await__ = tuple.__iter__
-
-
-_ALREADY_DONE = cast("Awaitable[None]", _AlreadyDone())
+        if unit is not None:
+            self.binding.unit = None
+            await self.middleware.units.end_async(unit, commit=False)

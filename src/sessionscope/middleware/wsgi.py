@@ -72,7 +72,7 @@ class WSGISessionMiddleware:
     """
 
     # Marks a binding as a request opened by an adapter, to catch one installed twice.
-    _opens_requests = True
+    opens_requests = True
 
     def __init__(
         self,
@@ -94,7 +94,7 @@ class WSGISessionMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
-        outer = self.db._binding.get()
+        outer = self.db.units.binding.get()
         if outer is not None and outer.handling_request():
             raise RuntimeError(
                 f"'WSGISessionMiddleware' is installed twice for {self.db!r}: an outer"
@@ -124,7 +124,6 @@ class _Response:
         "_code",
         "_commit_on",
         "_context",
-        "_db",
         "_environ",
         "_headers",
         "_iterable",
@@ -136,13 +135,14 @@ class _Response:
         "_settled",
         "_status",
         "_unit",
+        "_units",
         "_write",
     )
 
     def __init__(
         self, middleware: WSGISessionMiddleware, environ: WSGIEnvironment, start: StartResponse
     ) -> None:
-        self._db = db = middleware.db
+        self._units = units = middleware.db.units
         self._commit_on = middleware.commit_on
         self._on_commit_error = middleware.on_commit_error
         self._environ = environ
@@ -157,13 +157,13 @@ class _Response:
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
-        self._unit = db._open_unit()
+        self._unit = units.open()
         self._binding = Binding(self._unit, owner=middleware)
         # The binding lives in a context of our own, entered for the call, every chunk and
         # close(): the body streams after __call__ returns, and the server's thread context
         # must not keep it once the request is over.
         self._context = contextvars.copy_context()
-        self._context.run(db._bind, self._binding)
+        self._context.run(units.bind, self._binding)
 
     def _start(self, app: WSGIApplication) -> None:
         self._iterable = iterable = app(self._environ, self._start_response)
@@ -217,7 +217,7 @@ class _Response:
         """Commit or roll back, then pass the final status on (the 500 if the commit failed)."""
         self._settled = True
         commit = self._code is not None and self._commit_on(self._code)
-        error = self._db._settle_sync(self._unit, commit)
+        error = self._units.end(self._unit, commit, keep=True)
         if error is not None:
             self._replace(error)
         elif self._status is not None:
@@ -275,7 +275,7 @@ class _Response:
                 self._settle()
                 return
             commit = self._code is not None and self._commit_on(self._code)
-            error = self._db._settle_sync(self._unit, commit)
+            error = self._units.end(self._unit, commit)
             if error is not None:
                 raise RuntimeError(
                     "Committing what the app wrote while the body streamed failed after the"
@@ -301,7 +301,7 @@ class _Response:
     def _remove(self) -> None:
         unit = self._unit
         if not unit.closed:  # ends once; a built body ends it before close() is called
-            self._db._remove_sync(unit)
+            self._units.remove(unit)
         self._binding.unit = None
 
 

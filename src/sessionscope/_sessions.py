@@ -1,0 +1,311 @@
+"""One session's end: commit, roll back or close it, and never leave its connection dirty.
+
+These functions never raise for a database's failure: a commit returns its error, a
+rollback or close logs it and discards what it could not clean. They also guard the
+sessions a unit hands out (``guard``): the unit's session cannot be closed by hand with
+writes in it, and cannot open a connection once its unit has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+
+from . import _tracking
+from ._unit import Cancel, Unit
+
+__all__ = [
+    "CANCELLED",
+    "close_async_session",
+    "close_session",
+    "commit_session",
+    "guard",
+    "rollback_session",
+]
+
+logger = logging.getLogger("sessionscope")
+
+# The unit of each session a unit handed out, while that unit is live (kept out of the
+# session's own 'info', which is the app's).
+_units: weakref.WeakKeyDictionary[Session, Unit] = weakref.WeakKeyDictionary()
+
+
+class _Cancelled(Exception):
+    """What ``commit_session`` returns when a cancellation arrived before COMMIT was sent."""
+
+
+CANCELLED = _Cancelled("The request was cancelled before its COMMIT was sent; rolled back.")
+
+
+def has_work(session: Session) -> bool:
+    """Whether closing ``session`` now would discard writes (pending or sent)."""
+    if session.new or session.dirty or session.deleted:
+        return True
+    root = session.get_transaction()
+    return root is not None and _tracking.wrote(root.connections)
+
+
+def can_wait(session: Session, unit: Unit) -> bool:
+    """Whether ending ``session``'s transaction might wait (rule 16).
+
+    It cannot wait only if it holds its connections already (no pool to wait for), has
+    nothing to flush, and every statement it ran was a plain SELECT (no row lock, deferred
+    constraint or busy SQLite file makes the COMMIT or ROLLBACK of such a transaction wait);
+    after-commit callbacks may block, so a unit with callbacks to run counts as one that waits.
+    """
+    if unit.callbacks or unit.ready:
+        return True
+    root = session.get_transaction()
+    if root is None:
+        return False
+    connections = root.connections
+    if not connections or session.new or session.dirty or session.deleted:
+        return True
+    return _tracking.wrote(connections)
+
+
+# -- commit, rollback, close ----------------------------------------------------------------
+
+
+def commit_session(session: Session, cancel: Cancel | None = None) -> BaseException | None:
+    """Commit ``session``; on failure log once, clean the connection, and return the error.
+
+    The flush (which may wait for the pool) runs first; a cancellation that arrived by then
+    rolls back instead (``CANCELLED`` is returned). Whether COMMIT succeeded is read from
+    what the database answered, so that a listener raising after it (``after_commit``,
+    ``after_transaction_end``) leaves the data stored and the response standing.
+    """
+    root = session.get_transaction()
+    try:
+        if session.new or session.dirty or session.deleted:
+            session.flush()
+    except Exception as exc:
+        # The failed flush rolled the transaction back; the unit's close ends the session.
+        logger.error("Commit failed; the unit of work was rolled back.", exc_info=True)
+        return exc
+    if cancel is not None:
+        if cancel.requested:
+            logger.info("The request was cancelled before its COMMIT; rolling back")
+            rollback_session(session)
+            return CANCELLED
+        cancel.committing = True
+    taken = _tracking.records(root.connections) if root is not None else []
+    try:
+        session.commit()
+    except Exception as exc:
+        if _tracking.committed(taken):
+            logger.error(
+                "The COMMIT succeeded, but a listener raised afterwards; the data is stored"
+                " and the response stands.",
+                exc_info=True,
+            )
+            _reset(session)
+            return None
+        logger.error("Commit failed; the unit of work was rolled back.", exc_info=True)
+        _reset_failed_connections(root, discard=isinstance(exc, InterfaceError))
+        return exc
+    return None
+
+
+def rollback_session(session: Session) -> None:
+    """Roll back ``session`` and keep it open; a failure is logged, ``close()`` ends it."""
+    try:
+        session.rollback()
+    except Exception:
+        logger.warning("Rollback failed; the session will be closed", exc_info=True)
+
+
+def _reset(session: Session) -> None:
+    # A transaction stuck in the committed state (its listener raised) is ended, so that the
+    # session works again for the rest of the unit.
+    try:
+        session.reset()
+    except Exception:
+        logger.warning("Resetting the session after a raising listener failed", exc_info=True)
+
+
+def close_session(session: Session) -> None:
+    """Close ``session`` for good: an error is logged only, and a connection the failed
+    close left checked out is discarded. From then on it opens no connection (``guard``).
+    """
+    root = session.get_transaction()
+    _unguard(session)
+    try:
+        # A commit interrupted by a cancellation or another BaseException left its connection
+        # in a transaction that close() would not roll back.
+        _reset_failed_connections(root)
+        session.close()
+    except Exception:
+        logger.warning("Closing the session failed", exc_info=True)
+        _discard_connections(root)
+
+
+# How long the close of an AsyncSession waits for another task still inside it (SQLAlchemy's
+# default pool timeout: that task may be waiting for a connection).
+CLOSE_WAIT = 30.0
+
+
+async def close_async_session(session: AsyncSession) -> None:
+    """Close ``session`` as ``close_session`` does, waiting for a task still inside it.
+
+    Using one ``AsyncSession`` from several tasks at once is an error that SQLAlchemy reports
+    to one of them; the others keep running, one may be checking out a connection, and
+    ``close()`` refuses to run meanwhile. Giving up there would leave that connection to the
+    garbage collector, so the close is retried until the other task is out.
+    """
+    deadline: float | None = None
+    _unguard(session.sync_session)
+    while True:
+        root = session.sync_session.get_transaction()
+        try:
+            await session.run_sync(lambda _, root: _reset_failed_connections(root), root)
+            await session.close()
+        except IllegalStateChangeError:
+            now = time.monotonic()
+            if deadline is None:
+                logger.warning(
+                    "Another task is still using the session (one 'AsyncSession' was used"
+                    " by several tasks at once); closing it once that task is out",
+                    exc_info=True,
+                )
+                deadline = now + CLOSE_WAIT
+            elif now > deadline:
+                logger.error("Gave up closing a session another task kept using")
+                return
+            await asyncio.sleep(0.005)
+        except Exception:
+            logger.warning("Closing the session failed", exc_info=True)
+            await session.run_sync(lambda _, root: _discard_connections(root), root)
+            return
+        else:
+            return
+
+
+def _reset_failed_connections(root: SessionTransaction | None, discard: bool = False) -> None:
+    """Roll back, at the driver, connections whose COMMIT failed.
+
+    SQLAlchemy marks the transaction inactive whether or not COMMIT succeeded, so it never
+    rolls it back and the pool takes the connection back as it is; on SQLite a failed COMMIT
+    leaves the transaction open, and the next unit to get that connection would run inside
+    it. A connection that cannot be rolled back is invalidated instead, and so is every one
+    when ``discard`` is true: the driver refused to send the COMMIT at all (an
+    ``InterfaceError``, such as asyncpg's "another operation is in progress"), so what the
+    connection holds is unknown, and a driver that forgot its transaction on the way (asyncpg
+    again) would take a ROLLBACK for a no-op and leave the server inside the transaction.
+    """
+    if root is None:
+        return
+    for connection in root.connections:
+        if connection.closed or connection.invalidated:
+            continue
+        transaction = connection.get_transaction()
+        if transaction is None or transaction.is_active:
+            # Nothing open, or an active transaction that close() will roll back itself.
+            continue
+        if discard:
+            connection.invalidate()
+            continue
+        try:
+            connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception:
+            logger.warning("Rolling back after a failed commit failed", exc_info=True)
+            connection.invalidate()
+
+
+def _discard_connections(root: SessionTransaction | None) -> None:
+    """Invalidate the connections of ``root`` that a failed ``close()`` left checked out.
+
+    ``close()`` detaches the transaction from the session before it rolls back and returns
+    each connection; when a ROLLBACK fails with an error that is not a disconnect (the driver
+    refusing it while another task's query runs on the connection, say), that connection is
+    left checked out, owned by nothing but the garbage collector. Its state is unknown, so
+    it is closed and the pool opens a fresh one in its place.
+    """
+    if root is None:
+        return
+    for connection in root.connections:
+        if not connection.closed:
+            connection.invalidate()
+            connection.close()
+
+
+# -- guarding the sessions a unit hands out ---------------------------------------------------
+
+
+def guard(session: Session, unit: Unit) -> None:
+    """Mark ``session`` as ``unit``'s: a close by hand cannot discard its writes (rule 20).
+
+    ``close()`` is replaced on this one object: ``with db.session() as session:`` and
+    ``db.session.close()`` inside the unit close it, and a close would silently throw away
+    what the unit is about to commit. Without writes it resets the session, which stays
+    usable for the rest of the unit; with writes it raises.
+    """
+    _units[session] = unit
+
+    def close() -> None:
+        if has_work(session):
+            raise RuntimeError(
+                "This session belongs to a unit of work (a request or a 'db.begin()' block)"
+                " that commits and closes it when it ends; closing it here would throw away"
+                " its writes. Leave it open (drop the 'with db.session() as session:' block"
+                " or the 'close()' call), or call 'session.commit()' first."
+            )
+        session.reset()
+
+    session.close = close  # type: ignore[method-assign]
+
+
+def _unguard(session: Session) -> None:
+    """The unit is ending: its own close goes through, and the session never reconnects."""
+    _units.pop(session, None)
+    session.__dict__.pop("close", None)
+    session.get_bind = _ended  # type: ignore[method-assign]
+
+
+def _ended(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(
+        "This session belonged to a unit of work (a request or a 'db.begin()' block) that"
+        " has ended; its work was committed or rolled back, and it cannot open a connection"
+        " again. Work that outlives the request (a background task, a thread) must open"
+        " its own unit: 'with db.begin() as session:' ('async with' for an async driver)."
+    )
+
+
+# -- after-commit callbacks and aborted transactions, for every unit's session ---------------
+
+
+@event.listens_for(Session, "before_commit")
+def _refuse_aborted(session: Session) -> None:
+    if session not in _units or session.in_nested_transaction():
+        return
+    root = session.get_transaction()
+    if root is not None and _tracking.failed(root.connections):
+        raise RuntimeError(
+            "A statement failed in this transaction and was not followed by a rollback, so"
+            " it cannot commit: PostgreSQL would answer the COMMIT with a silent ROLLBACK,"
+            " and a MariaDB deadlock has already rolled it back. Call 'session.rollback()'"
+            " after catching a database error, or run the statement that may fail inside"
+            " 'with session.begin_nested():' so that only it is rolled back."
+        )
+
+
+@event.listens_for(Session, "after_commit")
+def _callbacks_ready(session: Session) -> None:
+    # The commit that covers the callbacks registered so far succeeded (the unit's own, or
+    # one the app made itself): they run when the unit next settles, whatever its status.
+    unit = _units.get(session)
+    if unit is None or unit.callbacks is None or session.in_nested_transaction():
+        return
+    if unit.ready is None:
+        unit.ready = unit.callbacks
+    else:
+        unit.ready.extend(unit.callbacks)
+    unit.callbacks = None

@@ -1,0 +1,357 @@
+"""The units of work of one database: which one code runs in, its session, and how it ends.
+
+Adapters speak in events and this module decides. An adapter opens a unit (or a binding
+that opens one on first use), and reports what happened: the response started with a
+status (``end(unit, commit, keep=True)``: commit or roll back what was written so far and
+keep the session for the stream), the response is over or the app raised or the request
+was cancelled (``end(unit, commit)``: the same, then remove the session). Everything else is
+decided here, the same way for every adapter: where the work runs (the event loop only if
+it cannot wait, else a worker thread or a task of its own), what a cancellation means, and
+when the after-commit callbacks run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.util import ScopedRegistry
+
+from ._sessions import (
+    can_wait,
+    close_async_session,
+    close_session,
+    commit_session,
+    guard,
+    rollback_session,
+)
+from ._tasks import run_in_task, run_in_thread, run_to_completion
+from ._unit import Binding, Cancel, Unit
+
+if TYPE_CHECKING:
+    from ._core import Database
+
+__all__ = ["UnitRegistry", "Units"]
+
+logger = logging.getLogger("sessionscope")
+
+# Every database's units, to name the right one when 'db.session' is used in a request that
+# another database's middleware handles.
+_all_units: weakref.WeakSet[Units] = weakref.WeakSet()
+
+
+class Units:
+    """The units of work of one ``Database``.
+
+    One lock guards a unit's opening through a binding and the store and removal of its
+    session (see ``UnitRegistry``): a session is stored only while its unit is live.
+    """
+
+    def __init__(self, db: Database[Any]) -> None:
+        self.db = db
+        self.lock = threading.Lock()
+        self.binding: ContextVar[Binding | None] = ContextVar("sessionscope_unit", default=None)
+        self.sessions: dict[int, Any] = {}
+        self.live: set[Unit] = set()
+        self.is_async = False
+        _all_units.add(self)
+
+    # -- opening, binding, finding ----------------------------------------------------------
+
+    def open(self) -> Unit:
+        """A new unit of work (no session, no connection until ``db.session`` is used)."""
+        unit = Unit()
+        self.live.add(unit)
+        return unit
+
+    def bind(self, binding: Binding) -> Token[Binding | None]:
+        return self.binding.set(binding)
+
+    def unbind(self, token: Token[Binding | None]) -> None:
+        try:
+            self.binding.reset(token)
+        except ValueError:
+            # Reset from another context than the one that set it (a test fixture whose
+            # setup and teardown run apart): restore what it replaced instead.
+            self.binding.set(token.old_value if token.old_value is not Token.MISSING else None)
+
+    def current(self) -> Unit:
+        """The unit the running code belongs to; opens a renewable binding's unit."""
+        binding = self.binding.get()
+        if binding is not None:
+            unit = binding.unit
+            if unit is not None and not unit.closed:
+                return unit
+            if unit is None and binding.renewable:
+                return self._renew(binding)
+        self.raise_no_unit(binding)
+
+    def _renew(self, binding: Binding) -> Unit:
+        with self.lock:
+            unit = binding.unit
+            if unit is None and binding.renewable:
+                unit = binding.unit = self.open()
+            if unit is None or unit.closed:
+                self.raise_no_unit(binding)
+            return unit
+
+    def close_binding(self, binding: Binding) -> Unit | None:
+        """Stop ``binding`` opening units, and take the unit it holds (opened or opening)."""
+        binding.renewable = False
+        if self.lock.locked():
+            # A thread may be opening its unit right now, under the lock: wait for it, so
+            # that its unit is the one taken here.
+            with self.lock:
+                pass
+        unit = binding.unit
+        binding.unit = None
+        return unit if unit is not None and not unit.closed else None
+
+    def raise_no_unit(self, binding: Binding | None) -> NoReturn:
+        if binding is not None:
+            raise RuntimeError(
+                "The unit of work this code ran in has already finished, so 'db.session'"
+                " has no session to give: the request's session was committed or rolled"
+                " back and removed. Work that outlives the request must open its own unit"
+                " with 'with db.begin() as session:' (or 'async with')."
+            )
+        for other in list(_all_units):
+            outer = other.binding.get()
+            if other is not self and outer is not None and outer.owner is not None:
+                raise RuntimeError(
+                    f"No unit of work of {self.db!r} is active, so 'db.session' has no"
+                    f" session to give: this request is handled by a middleware for"
+                    f" {other.db!r}, another Database. Pass the database you use to the"
+                    f" middleware ('SessionMiddleware(app, db=...)',"
+                    f" 'app.add_middleware(SessionMiddleware, db=...)'), or use the"
+                    f" Database that the middleware has."
+                )
+        raise RuntimeError(
+            "No unit of work is active, so 'db.session' has no session to give."
+            " Install 'SessionMiddleware' (ASGI) or 'WSGISessionMiddleware', call"
+            " 'db.init_app(app)' (Flask), or use 'with db.begin() as session:'"
+            " ('async with' for an async driver)."
+        )
+
+    # -- the session of a unit --------------------------------------------------------------
+
+    def session_of(self, unit: Unit) -> Any:
+        """``unit``'s session, or None (no I/O, no creation)."""
+        return self.sessions.get(unit.key)
+
+    def in_transaction(self, unit: Unit) -> bool:
+        """Whether ``unit`` has a session with a transaction to end (no I/O, no creation)."""
+        session = self.sessions.get(unit.key)
+        return session is not None and session.in_transaction()
+
+    def _take(self, unit: Unit) -> Any:
+        """Mark ``unit`` ended and take its session out of the registry (exactly once)."""
+        with self.lock:  # atomic with the registry's insert (see UnitRegistry)
+            if unit.closed:
+                return None
+            unit.closed = True
+            self.live.discard(unit)
+            return self.sessions.pop(unit.key, None)
+
+    # -- ending a unit: sync (WSGI, Flask, 'with db.begin()') --------------------------------
+
+    def end(
+        self, unit: Unit, commit: bool, *, keep: bool = False, cancel: Cancel | None = None
+    ) -> BaseException | None:
+        """Commit (if ``commit``) or roll back ``unit``'s transaction, then remove its session
+        unless ``keep`` (a stream goes on with it); return the commit's error, if any.
+
+        Ready after-commit callbacks run last, once the connection is back if removed.
+        """
+        error: BaseException | None = None
+        try:
+            session = self.sessions.get(unit.key)
+            if not (commit or keep):
+                unit.callbacks = None  # the close rolls back
+            elif session is not None and session.in_transaction():
+                assert isinstance(session, Session)
+                error = _settle(session, unit, commit, cancel)
+        finally:
+            if not keep:
+                self.remove(unit)
+        _run_callbacks(unit)
+        return error
+
+    def remove(self, unit: Unit) -> None:
+        """End ``unit`` and close its session (a transaction left open is rolled back)."""
+        session = self._take(unit)
+        if session is not None:
+            close_session(session)
+
+    # -- ending a unit: from a coroutine (ASGI, 'async with db.begin()') ---------------------
+
+    async def end_async(
+        self, unit: Unit, commit: bool, *, keep: bool = False, inline: bool = True
+    ) -> BaseException | None:
+        """``end()`` from the event loop, for either kind of database.
+
+        A sync session's end runs on the loop only when it cannot wait (``can_wait``, and
+        ``inline`` allows it); otherwise in a worker thread outside the endpoints' limiter.
+        An async session's end runs in a task of its own. A cancellation that arrives before
+        COMMIT is sent rolls back; one that arrives after it waits for its outcome.
+        """
+        session = self.sessions.get(unit.key)
+        if self.is_async:
+            if session is None or not session.in_transaction():
+                if not keep:
+                    await self.remove_async(unit)
+                await _run_callbacks_async(unit)
+                return None
+            return await run_in_task(lambda cancel: self._end_here(unit, commit, keep, cancel))
+        if session is None or not session.in_transaction():
+            if not keep:
+                self.remove(unit)  # no transaction: closing is bookkeeping, nothing waits
+            if unit.ready:
+                await run_in_thread(lambda cancel: _run_callbacks(unit))
+            return None
+        if inline and not can_wait(session, unit):
+            return self.end(unit, commit, keep=keep)
+        return await run_in_thread(lambda cancel: self.end(unit, commit, keep=keep, cancel=cancel))
+
+    async def _end_here(
+        self, unit: Unit, commit: bool, keep: bool, cancel: Cancel
+    ) -> BaseException | None:
+        error: BaseException | None = None
+        try:
+            session = self.sessions.get(unit.key)
+            if not (commit or keep):
+                unit.callbacks = None  # the close rolls back
+            elif session is not None and session.in_transaction():
+                assert isinstance(session, AsyncSession)
+                error = await session.run_sync(
+                    lambda sync_session: _settle(sync_session, unit, commit, cancel)
+                )
+        finally:
+            if not keep:
+                await self.remove_async(unit)
+        await _run_callbacks_async(unit)
+        return error
+
+    async def remove_async(self, unit: Unit) -> None:
+        """``remove()`` from the event loop, for either kind of database."""
+        session = self._take(unit)
+        if session is None:
+            return
+        if not session.in_transaction():
+            # No transaction means no connection: closing only clears the identity map and
+            # never awaits (nor waits), so it needs no task or thread of its own.
+            close_session(session.sync_session if isinstance(session, AsyncSession) else session)
+            return
+        if isinstance(session, AsyncSession):
+            # Shielded and run to completion: a cancelled request must still give its
+            # connection back, and never leave it to the garbage collector.
+            await run_to_completion(lambda: close_async_session(session))
+        else:
+            await run_in_thread(lambda cancel: close_session(session))
+
+    # -- leak checks ------------------------------------------------------------------------
+
+    @property
+    def live_units(self) -> int:
+        return len(self.live)
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self.sessions)
+
+
+def _settle(
+    session: Session, unit: Unit, commit: bool, cancel: Cancel | None
+) -> BaseException | None:
+    if commit and not unit.rollback_only:
+        error = commit_session(session, cancel)
+        if error is None:
+            logger.debug("Unit %s committed", unit.key)
+        else:
+            unit.callbacks = None
+        return error
+    rollback_session(session)
+    unit.callbacks = None
+    logger.debug("Unit %s rolled back", unit.key)
+    return None
+
+
+def _run_callbacks(unit: Unit) -> None:
+    """Run the unit's ready after-commit callbacks in order; one that raises is logged only."""
+    callbacks, unit.ready = unit.ready or (), None
+    for callback in callbacks:
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    # Never to be awaited: close it now rather than leave the garbage
+                    # collector a "coroutine was never awaited" warning for a later request.
+                    result.close()
+                raise TypeError(
+                    f"After-commit callback {callback!r} returned an awaitable, but this"
+                    " database is synchronous. Register a plain function instead."
+                )
+        except Exception:
+            logger.error("After-commit callback %r raised", callback, exc_info=True)
+
+
+async def _run_callbacks_async(unit: Unit) -> None:
+    """Run the unit's ready callbacks in order, awaiting those that are coroutines."""
+    callbacks, unit.ready = unit.ready or (), None
+    for callback in callbacks:
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.error("After-commit callback %r raised", callback, exc_info=True)
+
+
+class UnitRegistry(ScopedRegistry[Any]):
+    """The scoped registry's store: a session per live unit, never one for a unit that ended.
+
+    SQLAlchemy's registry builds a missing session and then stores it, in two steps. A
+    thread that makes a unit's first ``db.session`` call as the request ends could store
+    its session after the unit was removed: an orphan that no one closes, holding its
+    connection. Here the store happens under the units' lock, which ``Units`` also holds
+    when it ends a unit, so a session is stored only while its unit is live.
+    """
+
+    __slots__ = ("_units",)
+
+    def __init__(self, units: Units, createfunc: Callable[[], Any]) -> None:
+        super().__init__(createfunc, lambda: units.current().key)
+        self._units = units
+        self.registry = units.sessions
+
+    def __call__(self) -> Any:
+        units = self._units
+        unit = units.current()
+        try:
+            return self.registry[unit.key]
+        except KeyError:
+            pass
+        return self._store(unit, self.createfunc())
+
+    def set(self, obj: Any) -> None:
+        self._store(self._units.current(), obj)
+
+    def _store(self, unit: Unit, session: Any) -> Any:
+        units = self._units
+        sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+        with units.lock:
+            if not unit.closed:
+                stored = self.registry.setdefault(unit.key, session)
+                if stored is session:
+                    guard(sync_session, unit)
+                return stored
+        # The unit ended while the session was being built: it never had a connection.
+        close_session(sync_session)
+        units.raise_no_unit(units.binding.get())
