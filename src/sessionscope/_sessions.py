@@ -2,8 +2,8 @@
 
 These functions never raise for a database's failure: a commit returns its error, a
 rollback or close logs it and discards what it could not clean. They also guard the
-sessions a unit hands out (``guard``): the unit's session cannot be closed by hand with
-writes in it, and cannot open a connection once its unit has ended.
+sessions a unit hands out (``guard``): a close by hand inside the unit keeps its writes for
+the unit to commit, and the session cannot open a connection once its unit has ended.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ __all__ = [
 logger = logging.getLogger("sessionscope")
 
 # The unit of each session a unit handed out, while that unit is live (kept out of the
-# session's own 'info', which is the app's).
+# session's own 'info', which is the app's), and the sessions whose unit has ended.
 _units: weakref.WeakKeyDictionary[Session, Unit] = weakref.WeakKeyDictionary()
+_ended: weakref.WeakSet[Session] = weakref.WeakSet()
 
 
 class _Cancelled(Exception):
@@ -57,9 +58,11 @@ def can_wait(session: Session, unit: Unit) -> bool:
     """Whether ending ``session``'s transaction might wait (rule 16).
 
     It cannot wait only if it holds its connections already (no pool to wait for), has
-    nothing to flush, and every statement it ran was a plain SELECT (no row lock, deferred
-    constraint or busy SQLite file makes the COMMIT or ROLLBACK of such a transaction wait);
-    after-commit callbacks may block, so a unit with callbacks to run counts as one that waits.
+    nothing to flush, every statement it ran was a SELECT that took no row lock (no lock,
+    deferred constraint, busy SQLite file or synchronous standby makes the COMMIT or
+    ROLLBACK of such a transaction wait), and nothing of the app's runs with it: no
+    after-commit callback, and no session listener of the app's on the commit (an outbox
+    listener may write, any may block).
     """
     if unit.callbacks or unit.ready:
         return True
@@ -69,6 +72,14 @@ def can_wait(session: Session, unit: Unit) -> bool:
     connections = root.connections
     if not connections or session.new or session.dirty or session.deleted:
         return True
+    dispatch = session.dispatch
+    for listeners in (
+        dispatch.before_commit,
+        dispatch.after_commit,
+        dispatch.after_transaction_end,
+    ):
+        if any(fn not in _OURS for fn in listeners):
+            return True
     return _tracking.wrote(connections)
 
 
@@ -79,8 +90,9 @@ def commit_session(session: Session, cancel: Cancel | None = None) -> BaseExcept
     """Commit ``session``; on failure log once, clean the connection, and return the error.
 
     The flush (which may wait for the pool) runs first; a cancellation that arrived by then
-    rolls back instead (``CANCELLED`` is returned). Whether COMMIT succeeded is read from
-    what the database answered, so that a listener raising after it (``after_commit``,
+    rolls back instead (``CANCELLED`` is returned). Whether COMMIT succeeded is known
+    from a listener that SQLAlchemy calls only once every connection's COMMIT returned,
+    before any of the app's: one of the app's raising after it (``after_commit``,
     ``after_transaction_end``) leaves the data stored and the response standing.
     """
     root = session.get_transaction()
@@ -97,11 +109,12 @@ def commit_session(session: Session, cancel: Cancel | None = None) -> BaseExcept
             rollback_session(session)
             return CANCELLED
         cancel.committing = True
-    taken = _tracking.records(root.connections) if root is not None else []
+    unit = _units.get(session)
+    commits = unit.commits if unit is not None else 0
     try:
         session.commit()
     except Exception as exc:
-        if _tracking.committed(taken):
+        if unit is not None and unit.commits > commits:
             logger.error(
                 "The COMMIT succeeded, but a listener raised afterwards; the data is stored"
                 " and the response stands.",
@@ -245,19 +258,16 @@ def guard(session: Session, unit: Unit) -> None:
 
     ``close()`` is replaced on this one object: ``with db.session() as session:`` and
     ``db.session.close()`` inside the unit close it, and a close would silently throw away
-    what the unit is about to commit. Without writes it resets the session, which stays
-    usable for the rest of the unit; with writes it raises.
+    what the unit is about to commit. With writes (pending or sent) it leaves everything to
+    the unit's end, which commits or rolls back by the unit's rules; without, it resets the
+    session (its connection goes back to the pool), which stays usable for the unit.
     """
     _units[session] = unit
 
     def close() -> None:
         if has_work(session):
-            raise RuntimeError(
-                "This session belongs to a unit of work (a request or a 'db.begin()' block)"
-                " that commits and closes it when it ends; closing it here would throw away"
-                " its writes. Leave it open (drop the 'with db.session() as session:' block"
-                " or the 'close()' call), or call 'session.commit()' first."
-            )
+            logger.debug("A close by hand inside unit %s keeps its writes for the unit", unit.key)
+            return
         session.reset()
 
     session.close = close  # type: ignore[method-assign]
@@ -266,17 +276,21 @@ def guard(session: Session, unit: Unit) -> None:
 def _unguard(session: Session) -> None:
     """The unit is ending: its own close goes through, and the session never reconnects."""
     _units.pop(session, None)
+    _ended.add(session)
     session.__dict__.pop("close", None)
-    session.get_bind = _ended  # type: ignore[method-assign]
+    session.get_bind = _refuse  # type: ignore[method-assign]
 
 
-def _ended(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError(
-        "This session belonged to a unit of work (a request or a 'db.begin()' block) that"
-        " has ended; its work was committed or rolled back, and it cannot open a connection"
-        " again. Work that outlives the request (a background task, a thread) must open"
-        " its own unit: 'with db.begin() as session:' ('async with' for an async driver)."
-    )
+def _refuse(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(_ENDED)
+
+
+_ENDED = (
+    "This session belonged to a unit of work (a request or a 'db.begin()' block) that"
+    " has ended; its work was committed or rolled back, and it cannot open a connection"
+    " again. Work that outlives the request (a background task, a thread) must open"
+    " its own unit: 'with db.begin() as session:' ('async with' for an async driver)."
+)
 
 
 # -- after-commit callbacks and aborted transactions, for every unit's session ---------------
@@ -297,15 +311,33 @@ def _refuse_aborted(session: Session) -> None:
         )
 
 
-@event.listens_for(Session, "after_commit")
-def _callbacks_ready(session: Session) -> None:
-    # The commit that covers the callbacks registered so far succeeded (the unit's own, or
-    # one the app made itself): they run when the unit next settles, whatever its status.
+@event.listens_for(Session, "after_commit", insert=True)
+def _committed(session: Session) -> None:
+    # Every connection's COMMIT returned (SQLAlchemy calls this only then, and before the
+    # app's own listeners): the unit's data is stored. The callbacks registered so far are
+    # covered by it (the unit's commit, or one the app made itself): they run when the unit
+    # next settles, whatever its status.
     unit = _units.get(session)
-    if unit is None or unit.callbacks is None or session.in_nested_transaction():
+    if unit is None or session.in_nested_transaction():
+        return
+    unit.commits += 1
+    if unit.callbacks is None:
         return
     if unit.ready is None:
         unit.ready = unit.callbacks
     else:
         unit.ready.extend(unit.callbacks)
     unit.callbacks = None
+
+
+@event.listens_for(Session, "after_begin")
+def _refuse_after_the_unit(session: Session, transaction: object, connection: Any) -> None:
+    # A thread that was already past 'get_bind' (waiting for the pool, say) when the unit
+    # ended gets its connection only now: give it back at once rather than leave it to
+    # the garbage collector.
+    if session in _ended:
+        connection.close()
+        raise RuntimeError(_ENDED)
+
+
+_OURS = (_refuse_aborted, _committed)

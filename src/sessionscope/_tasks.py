@@ -39,15 +39,16 @@ async def run_to_completion(work: Callable[[], Awaitable[T]], cancel: Cancel | N
     except asyncio.CancelledError:
         if task.done():
             raise
-    if cancel is not None:
-        cancel.request()
-    with anyio.CancelScope(shield=True):
-        while not task.done():
-            # Its outcome no longer changes the caller's: it is cancelled, and the work logs
-            # its own failures.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)
-    raise asyncio.CancelledError
+        if cancel is not None:
+            cancel.request()
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                # Its outcome no longer changes the caller's: it is cancelled, and the work
+                # logs its own failures.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(task)
+        # The caught cancellation itself: an anyio cancel scope knows its own by it.
+        raise
 
 
 async def run_in_task(work: Callable[[Cancel], Awaitable[T]]) -> T:

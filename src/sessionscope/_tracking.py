@@ -1,11 +1,10 @@
 """What a transaction did on its connections, seen through the engine's events.
 
-Three questions decide how a unit of work ends, and SQLAlchemy answers none of them
-publicly: did the transaction write (a COMMIT of one that did not cannot wait on a lock),
-did a statement fail inside it without a rollback (PostgreSQL then answers COMMIT with a
-silent ROLLBACK, and a MariaDB deadlock has already rolled everything back), and did its
-COMMIT succeed (a listener that raises afterwards must not turn stored data into an error).
-Listeners on the engine keep the answers in a ``Record`` per connection, reset when the
+Two questions decide how a unit of work ends, and SQLAlchemy answers neither publicly: did
+the transaction only read (only then can its COMMIT or ROLLBACK not wait, on any backend),
+and did a statement fail inside it without a rollback since (PostgreSQL then answers COMMIT
+with a silent ROLLBACK, and a MariaDB deadlock has already rolled everything back).
+Listeners on the engine keep the answers in a ``Record`` per connection, made anew when the
 connection begins a transaction.
 """
 
@@ -17,9 +16,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql.selectable import CompoundSelect, Select
 
-__all__ = ["Record", "committed", "failed", "record_of", "records", "watch", "wrote"]
+__all__ = ["Record", "failed", "record_of", "watch", "wrote"]
 
 _KEY = "sessionscope.record"
 _WATCHED = "sessionscope.watched"
@@ -28,15 +26,13 @@ _WATCHED = "sessionscope.watched"
 class Record:
     """What one connection's current transaction did."""
 
-    __slots__ = ("commit_failed", "commit_sent", "depth", "failed_at", "wrote")
+    __slots__ = ("depth", "failed_at", "wrote")
 
     def __init__(self) -> None:
         self.wrote = False
         # Savepoints open now, and how deep the first failed statement was (None: none failed).
         self.depth = 0
         self.failed_at: int | None = None
-        self.commit_sent = False
-        self.commit_failed = False
 
 
 def record_of(connection: Connection) -> Record:
@@ -56,17 +52,16 @@ def watch(engine: Engine | AsyncEngine) -> None:
     sync_engine.__dict__[_WATCHED] = True
     event.listen(sync_engine, "begin", _begin)
     event.listen(sync_engine, "before_cursor_execute", _before_execute)
-    event.listen(sync_engine, "handle_error", _error)
-    event.listen(sync_engine, "commit", _commit)
+    # First: a handler of the app's that raises (to translate the error) ends the chain.
+    event.listen(sync_engine, "handle_error", _error, insert=True)
     event.listen(sync_engine, "savepoint", _savepoint)
     event.listen(sync_engine, "rollback_savepoint", _rollback_savepoint)
     event.listen(sync_engine, "release_savepoint", _release_savepoint)
 
 
-def records(connections: Iterable[Connection]) -> list[Record | None]:
-    """The records of these connections' transactions; None for one closed or invalidated
-    (a disconnect): what its transaction did is gone with it.
-    """
+def _records(connections: Iterable[Connection]) -> list[Record | None]:
+    # None for a connection that was closed or invalidated (a disconnect): what its
+    # transaction did is gone with it.
     return [
         None if connection.closed or connection.invalidated else record_of(connection)
         for connection in connections
@@ -75,23 +70,12 @@ def records(connections: Iterable[Connection]) -> list[Record | None]:
 
 def wrote(connections: Iterable[Connection]) -> bool:
     """Whether anything but a plain SELECT ran in these connections' transactions."""
-    return any(record is None or record.wrote for record in records(connections))
+    return any(record is None or record.wrote for record in _records(connections))
 
 
 def failed(connections: Iterable[Connection]) -> bool:
     """Whether a statement failed in these transactions, outside a savepoint rolled back since."""
-    return any(record is None or record.failed_at is not None for record in records(connections))
-
-
-def committed(taken: list[Record | None]) -> bool:
-    """Whether the database acknowledged the COMMIT of every transaction ``records()`` took.
-
-    Taken before the COMMIT: by the time ``commit()`` has raised, its connections may be
-    back in the pool.
-    """
-    return bool(taken) and all(
-        record is not None and record.commit_sent and not record.commit_failed for record in taken
-    )
+    return any(record is None or record.failed_at is not None for record in _records(connections))
 
 
 # -- the listeners --------------------------------------------------------------------------
@@ -110,13 +94,27 @@ def _before_execute(
     executemany: bool,
 ) -> None:
     record = record_of(connection)
-    if record.wrote:
-        return
-    compiled = getattr(context, "compiled", None)
-    # Only a SELECT built with SQLAlchemy counts as a read: text() and driver SQL may be
-    # anything. A SELECT that calls a function with side effects is the one blind spot.
-    if compiled is None or not isinstance(compiled.statement, Select | CompoundSelect):
+    if not record.wrote and not reads_only(statement):
         record.wrote = True
+
+
+# Row locks: a transaction that took one gets a transaction id, and on PostgreSQL its COMMIT
+# then waits for a synchronous standby like any write's.
+_LOCKS = ("FOR UPDATE", "FOR SHARE", "FOR NO KEY UPDATE", "FOR KEY SHARE", "LOCK IN SHARE MODE")
+
+
+def reads_only(statement: str) -> bool:
+    """Whether ``statement`` is a SELECT that takes no row lock.
+
+    Judged on the SQL sent, whatever built it: a data-modifying CTE starts with WITH, and
+    counts as a write. A SELECT that calls a function with side effects is the one case
+    this cannot see.
+    """
+    head = statement.lstrip()[:6]
+    if head.upper() != "SELECT":
+        return False
+    upper = statement.upper()
+    return not any(lock in upper for lock in _LOCKS)
 
 
 def _error(context: ExceptionContext) -> None:
@@ -124,14 +122,8 @@ def _error(context: ExceptionContext) -> None:
     if connection is None or context.sqlalchemy_exception is None:
         return  # not the database's error (a cancellation, a bug in a listener)
     record = record_of(connection)
-    if record.commit_sent:
-        record.commit_failed = True
-    elif record.failed_at is None or record.depth < record.failed_at:
+    if record.failed_at is None or record.depth < record.failed_at:
         record.failed_at = record.depth
-
-
-def _commit(connection: Connection) -> None:
-    record_of(connection).commit_sent = True
 
 
 def _savepoint(connection: Connection, name: str | None) -> None:

@@ -20,12 +20,14 @@ class Unit:
     no connection until the code running inside it touches ``db.session``.
     """
 
-    __slots__ = ("callbacks", "closed", "key", "ready", "rollback_only")
+    __slots__ = ("callbacks", "closed", "commits", "key", "ready", "rollback_only")
 
     def __init__(self) -> None:
         self.key = next(_tokens)
         self.rollback_only = False
         self.closed = False
+        # Commits of the unit's session the database acknowledged (counted by a listener).
+        self.commits = 0
         # After-commit callbacks: those waiting for a commit, and those whose commit
         # succeeded (ours, or one the app made itself), to run when the unit settles.
         self.callbacks: list[Callable[[], object]] | None = None

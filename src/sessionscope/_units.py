@@ -343,6 +343,12 @@ class UnitRegistry(ScopedRegistry[Any]):
     def set(self, obj: Any) -> None:
         self._store(self._units.current(), obj)
 
+    def clear(self) -> None:
+        # 'db.session.remove()' inside a unit: its close (see guard) kept the writes or reset
+        # the session, and the session stays the unit's, for the unit to end. Dropping it
+        # here would leave a session that nobody ends (a captured one reconnects on use).
+        return None
+
     def _store(self, unit: Unit, session: Any) -> Any:
         units = self._units
         sync_session = session.sync_session if isinstance(session, AsyncSession) else session
