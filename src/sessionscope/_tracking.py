@@ -52,8 +52,6 @@ def watch(engine: Engine | AsyncEngine) -> None:
     sync_engine.__dict__[_WATCHED] = True
     event.listen(sync_engine, "begin", _begin)
     event.listen(sync_engine, "before_cursor_execute", _before_execute)
-    # First: a handler of the app's that raises (to translate the error) ends the chain.
-    event.listen(sync_engine, "handle_error", _error, insert=True)
     event.listen(sync_engine, "savepoint", _savepoint)
     event.listen(sync_engine, "rollback_savepoint", _rollback_savepoint)
     event.listen(sync_engine, "release_savepoint", _release_savepoint)
@@ -117,10 +115,17 @@ def reads_only(statement: str) -> bool:
     return not any(lock in upper for lock in _LOCKS)
 
 
+# On the Engine class, not on each engine: SQLAlchemy calls class-level handlers first, and
+# a handler of the app's that raises (to translate the error) ends the chain.
+@event.listens_for(Engine, "handle_error")
 def _error(context: ExceptionContext) -> None:
     connection = context.connection
-    if connection is None or context.sqlalchemy_exception is None:
-        return  # not the database's error (a cancellation, a bug in a listener)
+    if (
+        connection is None
+        or context.sqlalchemy_exception is None  # not the database's (a cancellation)
+        or not context.engine.__dict__.get(_WATCHED)
+    ):
+        return
     record = record_of(connection)
     if record.failed_at is None or record.depth < record.failed_at:
         record.failed_at = record.depth

@@ -347,7 +347,12 @@ class _Exchange:
         unit = self.binding.unit
         assert unit is not None
         commit = middleware.commit_on(self.status)
-        error = await units.end_async(unit, commit, keep=True, inline=middleware.inline)
+        try:
+            error = await units.end_async(unit, commit, keep=True, inline=middleware.inline)
+        except BaseException:
+            # Cancelled (the app may catch it and send another start): this one never left.
+            self.state = _BEFORE
+            raise
         if error is None:
             await self._server_send(start)
             return
