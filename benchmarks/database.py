@@ -2,8 +2,9 @@
 
 SQLite is a file in WAL mode under ``benchmarks/results/tmp``; PostgreSQL is the server on
 127.0.0.1:5432 (user ``postgres``, trust auth) with a database of our own,
-``sessionscope_bench``, created if missing. The harness talks to both through SQLAlchemy's
-sync drivers; the servers under test use the driver of their mode.
+``sessionscope_bench`` (the fault soak's: ``sessionscope_faults``), created if missing. The
+harness talks to both through SQLAlchemy's sync drivers; the servers under test use the
+driver of their mode.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, create_engine, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from .apps.shared import FAIL_NAME, SEED_ROWS, Base, Item
@@ -30,6 +31,7 @@ class Backend:
     name: str
     sync_url: str
     async_url: str
+    database: str = PG_DATABASE
 
     def url(self, mode: str) -> str:
         """The URL the servers of ``mode`` use."""
@@ -47,10 +49,10 @@ class Backend:
             )
             with admin.connect() as connection:
                 exists = connection.scalar(
-                    text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": PG_DATABASE}
+                    text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.database}
                 )
                 if not exists:
-                    connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
+                    connection.execute(text(f'CREATE DATABASE "{self.database}"'))
             admin.dispose()
         engine = self.engine()
         try:
@@ -105,7 +107,7 @@ class Backend:
                     "SELECT client_port FROM pg_stat_activity WHERE datname = :name"
                     " AND state LIKE 'idle in transaction%'"
                 ),
-                {"name": PG_DATABASE},
+                {"name": self.database},
             )
             ports = [port for (port,) in found]
         if client_ports is not None:
@@ -115,18 +117,24 @@ class Backend:
     def reset(self, engine: Engine) -> None:
         """Delete what runs wrote, so every run starts from the seeded table."""
         with engine.connect() as connection:
-            connection.execute(Item.__table__.delete().where(Item.id > SEED_ROWS))
+            connection.execute(delete(Item).where(Item.id > SEED_ROWS))
             connection.commit()
             if self.name == "sqlite":
                 connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def backend(name: str, scratch: Path) -> Backend:
-    """The backend called ``name`` (``sqlite`` or ``postgresql``)."""
+def backend(name: str, scratch: Path, database: str = PG_DATABASE) -> Backend:
+    """The backend called ``name`` (``sqlite`` or ``postgresql``).
+
+    ``database`` names the PostgreSQL database; SQLite's file is ``bench.sqlite3`` in
+    ``scratch``.
+    """
     if name == "sqlite":
         path = (scratch / "bench.sqlite3").resolve()
         return Backend("sqlite", f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
     if name == "postgresql":
-        tail = f"{PG_SERVER}/{PG_DATABASE}"
-        return Backend("postgresql", f"postgresql+psycopg://{tail}", f"postgresql+asyncpg://{tail}")
+        tail = f"{PG_SERVER}/{database}"
+        return Backend(
+            "postgresql", f"postgresql+psycopg://{tail}", f"postgresql+asyncpg://{tail}", database
+        )
     raise ValueError(f"Unknown backend {name!r}; use 'sqlite' or 'postgresql'.")

@@ -13,22 +13,23 @@ import logging
 
 import uvicorn
 
-from .variants import VARIANTS
+from .variants import FAULT_VARIANTS, VARIANTS
 
 __all__ = ["main"]
 
 
 def main() -> None:
     """Build the variant's app and serve it on 127.0.0.1 until interrupted."""
+    known = {**VARIANTS, **FAULT_VARIANTS}
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("variant", choices=sorted(known))
     parser.add_argument("url")
     parser.add_argument("port", type=int)
     parser.add_argument("--loop", default="uvloop")
     parser.add_argument("--http", default="httptools")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
-    variant = VARIANTS[args.variant]
+    variant = known[args.variant]
     module_name, _, function = variant.factory.partition(":")
     build = getattr(importlib.import_module(module_name), function)
     app = build(args.url, variant.mode)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 __all__ = [
     "BASELINE",
     "BASELINES",
+    "FAULT_VARIANTS",
     "FLASK_BASELINE",
     "PEERS",
     "VARIANTS",
@@ -136,6 +137,14 @@ def _variants() -> list[Variant]:
 
 
 VARIANTS: dict[str, Variant] = {variant.name: variant for variant in _variants()}
+
+
+FAULT_VARIANTS: dict[str, Variant] = {
+    f"faults-{mode}": Variant(f"faults-{mode}", "faults", mode, "benchmarks.apps.faults_app:build")
+    for mode in ("sync", "async")
+}
+"""The fault soak's apps (``benchmarks.faults``): served by ``benchmarks.serve`` like the
+variants, but never part of the comparison, so not in ``VARIANTS``."""
 
 
 def baseline_of(variant: Variant) -> Variant:
