@@ -447,3 +447,83 @@ async def test_cancel_scope_around_send_recognises_its_own_cancellation(
         exchange = await call(SessionMiddleware(app, db=db), "POST", "/")
     assert caught == [True]
     assert (exchange.status, exchange.complete, rows()) == (503, True, [])
+
+
+# -- the WSGI side and the tracker's edges (a second review) ----------------------------------
+
+WSGI_SYNC = backend_params(modes=["sync"])
+
+
+@pytest.mark.parametrize("backend", WSGI_SYNC, indirect=True)
+def test_empty_chunk_before_start_response_decides_nothing(
+    make_db: DatabaseFactory, rows: Rows
+) -> None:
+    """PEP 3333 lets an app yield empty chunks before its status: the view's writes must
+    wait for that status, not be rolled back behind a 201."""
+    from werkzeug.test import Client
+
+    from sessionscope import WSGISessionMiddleware
+
+    db = make_db()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        session = db.session()
+        assert isinstance(session, Session)
+        session.add(Item(name="early"))
+        session.flush()
+        yield b""
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        yield b"done"
+
+    response = Client(WSGISessionMiddleware(app, db)).get("/")
+    assert (response.status_code, response.data) == (201, b"done")
+    assert rows() == ["early"]
+
+
+@pytest.mark.parametrize("backend", WSGI_SYNC, indirect=True)
+def test_callback_of_an_explicit_commit_runs_when_a_wsgi_app_then_raises(
+    make_db: DatabaseFactory, rows: Rows
+) -> None:
+    """The callback's commit succeeded: its data is stored, so it runs although the unit
+    then ends by a rollback."""
+    from werkzeug.test import Client
+
+    from sessionscope import WSGISessionMiddleware
+
+    db = make_db()
+    ran: list[str] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        db.after_commit(lambda: ran.append("ran"))
+        session = db.session()
+        assert isinstance(session, Session)
+        session.add(Item(name="committed"))
+        session.commit()
+        raise RuntimeError("after the commit")
+
+    with pytest.raises(RuntimeError, match="after the commit"):
+        Client(WSGISessionMiddleware(app, db)).get("/")
+    assert rows() == ["committed"]
+    assert ran == ["ran"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", backend_params(["sqlite", "postgresql"]), indirect=True)
+async def test_value_that_fails_to_convert_does_not_block_the_commit(
+    make_db: DatabaseFactory, rows: Rows
+) -> None:
+    """A StatementError raised before anything reached the database leaves the transaction
+    usable: only the database's own errors block the commit (rule 18)."""
+    db = make_db()
+
+    async def endpoint(request: Request) -> Response:
+        await insert(db, "kept")
+        with contextlib.suppress(sa.exc.StatementError, TypeError):
+            # JSON's bind processor fails in Python, before the driver sees the statement.
+            statement = sa.insert(Item).values(name=sa.bindparam("name", type_=sa.JSON))
+            await resolve(db.session.execute(statement, {"name": object()}))
+        return PlainTextResponse("created", status_code=201)
+
+    app = with_route(db, "/convert", endpoint)
+    assert (await call(app, "POST", "/convert")).status == 201
+    assert rows() == ["kept"]

@@ -338,6 +338,10 @@ def _refuse_after_the_unit(session: Session, transaction: object, connection: An
     if session in _ended:
         connection.close()
         raise RuntimeError(_ENDED)
+    if session in _units and _tracking.watch(connection.engine):
+        # Another engine of the session's binds, met for the first time: its transaction
+        # began before it was watched.
+        connection.info[_tracking.KEY] = _tracking.Record()
 
 
 _OURS = (_refuse_aborted, _committed)

@@ -15,11 +15,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["Record", "failed", "record_of", "watch", "wrote"]
+__all__ = ["KEY", "Record", "failed", "record_of", "watch", "wrote"]
 
-_KEY = "sessionscope.record"
+KEY = "sessionscope.record"
 _WATCHED = "sessionscope.watched"
 
 
@@ -38,23 +39,24 @@ class Record:
 def record_of(connection: Connection) -> Record:
     """The record of ``connection``'s current transaction (a fresh one if it has none)."""
     info = connection.info
-    record: Record | None = info.get(_KEY)
+    record: Record | None = info.get(KEY)
     if record is None:
-        record = info[_KEY] = Record()
+        record = info[KEY] = Record()
     return record
 
 
-def watch(engine: Engine | AsyncEngine) -> None:
-    """Keep a ``Record`` for every transaction of ``engine`` (once per engine)."""
+def watch(engine: Engine | AsyncEngine) -> bool:
+    """Keep a ``Record`` for every transaction of ``engine``; False if it was watched already."""
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     if sync_engine.__dict__.get(_WATCHED):
-        return
+        return False
     sync_engine.__dict__[_WATCHED] = True
     event.listen(sync_engine, "begin", _begin)
     event.listen(sync_engine, "before_cursor_execute", _before_execute)
     event.listen(sync_engine, "savepoint", _savepoint)
     event.listen(sync_engine, "rollback_savepoint", _rollback_savepoint)
     event.listen(sync_engine, "release_savepoint", _release_savepoint)
+    return True
 
 
 def _records(connections: Iterable[Connection]) -> list[Record | None]:
@@ -80,7 +82,7 @@ def failed(connections: Iterable[Connection]) -> bool:
 
 
 def _begin(connection: Connection) -> None:
-    connection.info[_KEY] = Record()
+    connection.info[KEY] = Record()
 
 
 def _before_execute(
@@ -122,7 +124,9 @@ def _error(context: ExceptionContext) -> None:
     connection = context.connection
     if (
         connection is None
-        or context.sqlalchemy_exception is None  # not the database's (a cancellation)
+        # Only the database's own errors: not a cancellation, not a value that failed to
+        # convert before it was sent.
+        or not isinstance(context.sqlalchemy_exception, DBAPIError)
         or not context.engine.__dict__.get(_WATCHED)
     ):
         return

@@ -191,7 +191,7 @@ class _AppContextUnits:
         try:
             # Never committed: work outside a request commits itself ('db.session.commit()'
             # or 'with db.begin():').
-            self.db.units.remove(entry.unit)
+            self.db.units.end(entry.unit, commit=False)
         finally:
             entry.binding.unit = None
             self.db.units.unbind(entry.token)

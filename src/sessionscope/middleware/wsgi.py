@@ -259,7 +259,8 @@ class _Response:
         except BaseException:
             self._remove()
             raise
-        if not self._settled:
+        if not self._settled and self._status is not None:
+            # A chunk before 'start_response' (PEP 3333 allows empty ones) decides nothing.
             self._settle()
             if self._replaced:
                 return next(self._iterator)
@@ -301,7 +302,8 @@ class _Response:
     def _remove(self) -> None:
         unit = self._unit
         if not unit.closed:  # ends once; a built body ends it before close() is called
-            self._units.remove(unit)
+            # Rolled back if still open; callbacks of a commit the app made itself still run.
+            self._units.end(unit, commit=False)
         self._binding.unit = None
 
 
