@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,21 @@ def assert_no_leaks(db: Database[Any], backend: Backend | None = None) -> None:
         assert idle_in_transaction(backend) == 0, "a PostgreSQL backend is idle in transaction"
 
 
+@contextmanager
+def leak_checked(made: list[Database[Any]], backend: Backend) -> Iterator[None]:
+    """Run with the garbage collector off, so that a leak cannot hide behind it; then check
+    every database in ``made`` for leaks."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        for db in made:
+            assert_no_leaks(db, backend)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
 DatabaseFactory = Callable[..., Database[Any]]
 
 
@@ -260,15 +276,10 @@ async def make_db(backend: Backend, anyio_backend: str) -> AsyncIterator[Databas
         made.append(db)
         return db
 
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
-        yield make
-        for db in made:
-            assert_no_leaks(db, backend)
+        with leak_checked(made, backend):
+            yield make
     finally:
-        if gc_was_enabled:
-            gc.enable()
         for db in made:
             await db.dispose_async()
 

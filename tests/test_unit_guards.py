@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import gc
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,9 +42,9 @@ from .conftest import (
     Backend,
     DatabaseFactory,
     _sqlite_foreign_keys,
-    assert_no_leaks,
     backend_params,
     idle_in_transaction,
+    leak_checked,
 )
 from .middleware._asgi_apps import insert, resolve, with_route
 from .middleware._driver import call
@@ -111,15 +110,10 @@ async def make_db_on_engine(backend: Backend) -> AsyncIterator[EngineDatabaseFac
         made.append(db)
         return db
 
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
-        yield make
-        for db in made:
-            assert_no_leaks(db, backend)
+        with leak_checked(made, backend):
+            yield make
     finally:
-        if gc_was_enabled:
-            gc.enable()
         for engine in engines:
             if isinstance(engine, AsyncEngine):
                 await engine.dispose()

@@ -12,7 +12,7 @@ import contextlib
 import math
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -41,12 +41,7 @@ async def run_to_completion(work: Callable[[], Awaitable[T]], cancel: Cancel | N
             raise
         if cancel is not None:
             cancel.request()
-        with anyio.CancelScope(shield=True):
-            while not task.done():
-                # Its outcome no longer changes the caller's: it is cancelled, and the work
-                # logs its own failures.
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.shield(task)
+        await _outlast(task)
         # The caught cancellation itself: an anyio cancel scope knows its own by it.
         raise
 
@@ -76,13 +71,20 @@ async def run_in_task(work: Callable[[Cancel], Awaitable[T]]) -> T:
         cancel.request()
         if not cancel.committing:
             task.cancel()
-        with anyio.CancelScope(shield=True):
-            while not task.done():
-                # Its outcome no longer changes the caller's: it is cancelled, and the task
-                # logs its own failures.
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.shield(task)
+        await _outlast(task)
         raise
+
+
+async def _outlast(task: asyncio.Future[Any]) -> None:
+    """Wait, shielded from any cancellation, until ``task`` is done.
+
+    Its outcome no longer changes the caller's (it is cancelled), and the work logs its own
+    failures.
+    """
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)
 
 
 _limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter]
