@@ -252,6 +252,7 @@ def _round(
     stored = stored_ids(engine, first_id, ROUND_IDS)
     idle = chosen.idle_in_transaction(engine, server.tcp_ports() if server.alive() else None)
     result = verdict(records, answers, stored, stats, waited, idle, watch)
+    result["records"] = shown(records)
     if error is not None:
         result["problems"].append(f"could not clean the table before the round: {error}")
     return result

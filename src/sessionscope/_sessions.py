@@ -19,7 +19,7 @@ from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _tracking
+from . import _streams, _tracking
 from ._unit import Cancel, Unit
 
 __all__ = [
@@ -338,7 +338,15 @@ def _refuse_after_the_unit(session: Session, transaction: object, connection: An
     if session in _ended:
         connection.close()
         raise RuntimeError(_ENDED)
-    if session in _units and _tracking.watch(connection.engine):
+    unit = _units.get(session)
+    if unit is None:
+        return
+    if unit.streaming:
+        refusal = _streams.take(unit, connection.engine)
+        if refusal is not None:
+            connection.close()
+            raise RuntimeError(refusal)
+    if _tracking.watch(connection.engine):
         # Another engine of the session's binds, met for the first time: its transaction
         # began before it was watched.
         connection.info[_tracking.KEY] = _tracking.Record()

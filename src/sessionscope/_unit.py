@@ -5,6 +5,10 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 __all__ = ["Binding", "Cancel", "Unit", "default_commit_on"]
 
@@ -20,12 +24,25 @@ class Unit:
     no connection until the code running inside it touches ``db.session``.
     """
 
-    __slots__ = ("callbacks", "closed", "commits", "key", "ready", "rollback_only")
+    __slots__ = (
+        "callbacks",
+        "closed",
+        "commits",
+        "holds",
+        "key",
+        "ready",
+        "rollback_only",
+        "streaming",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, streaming: bool = False) -> None:
         self.key = next(_tokens)
         self.rollback_only = False
         self.closed = False
+        # The response has started under ASGI: what the unit does now is stream work, and
+        # the engines whose connection a sync body holds are counted (see _streams).
+        self.streaming = streaming
+        self.holds: list[Engine] | None = None
         # Commits of the unit's session the database acknowledged (counted by a listener).
         self.commits = 0
         # After-commit callbacks: those waiting for a commit, and those whose commit
@@ -47,11 +64,14 @@ class Binding:
     request is over) without setting the ``ContextVar`` again in a context it does not own.
     """
 
-    __slots__ = ("owner", "renewable", "unit")
+    __slots__ = ("owner", "renewable", "streaming", "unit")
 
     def __init__(self, unit: Unit | None, owner: object, renewable: bool = False) -> None:
         self.unit = unit
         self.owner = owner
+        # Set by the ASGI middleware while the response streams: a unit opened now does
+        # stream work.
+        self.streaming = False
         # When true and ``unit`` is None, the next use of ``db.session`` opens a fresh unit
         # (the request's own, or work after the response); nothing is created for requests
         # that never need one.

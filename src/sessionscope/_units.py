@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
+from . import _streams
 from ._sessions import (
     can_wait,
     close_async_session,
@@ -65,9 +66,9 @@ class Units:
 
     # -- opening, binding, finding ----------------------------------------------------------
 
-    def open(self) -> Unit:
+    def open(self, streaming: bool = False) -> Unit:
         """A new unit of work (no session, no connection until ``db.session`` is used)."""
-        unit = Unit()
+        unit = Unit(streaming)
         self.live.add(unit)
         return unit
 
@@ -97,7 +98,7 @@ class Units:
         with self.lock:
             unit = binding.unit
             if unit is None and binding.renewable:
-                unit = binding.unit = self.open()
+                unit = binding.unit = self.open(binding.streaming)
             if unit is None or unit.closed:
                 self.raise_no_unit(binding)
             return unit
@@ -158,6 +159,7 @@ class Units:
                 return None
             unit.closed = True
             self.live.discard(unit)
+            _streams.give_back(unit)
             return self.sessions.pop(unit.key, None)
 
     # -- ending a unit: sync (WSGI, Flask, 'with db.begin()') --------------------------------
@@ -200,8 +202,11 @@ class Units:
         A sync session's end runs on the loop only when it cannot wait (``can_wait``, and
         ``inline`` allows it); otherwise in a worker thread outside the endpoints' limiter.
         An async session's end runs in a task of its own. A cancellation that arrives before
-        COMMIT is sent rolls back; one that arrives after it waits for its outcome.
+        COMMIT is sent rolls back; one that arrives after it waits for its outcome. With
+        ``keep`` the response has started: the unit goes on with stream work.
         """
+        if keep:
+            unit.streaming = True
         session = self.sessions.get(unit.key)
         if self.is_async:
             if session is None or not session.in_transaction():

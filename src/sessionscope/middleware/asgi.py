@@ -273,6 +273,21 @@ class _RequestBinding(Binding):
 _new_binding = object.__new__
 
 
+async def _nothing() -> None:
+    return None
+
+
+def _declared_length(start: Message) -> int:
+    """The ``content-length`` a response start declared, or -1."""
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return -1
+
+
 class _Exchange:
     """One HTTP request under the middleware: its binding, and the ``send`` its app gets.
 
@@ -285,13 +300,21 @@ class _Exchange:
     __slots__ = (
         "_server_send",
         "binding",
+        "held",
         "middleware",
         "receive",
         "scope",
+        "start",
         "state",
         "status",
         "trailers",
+        "unsent",
     )
+    # Set when the start passes: the start itself, the bytes of its content-length not
+    # yet forwarded (None: not looked up yet, -1: none declared), the messages held back.
+    start: Message
+    unsent: int | None
+    held: list[Message] | None
 
     def __init__(
         self, middleware: SessionMiddleware, scope: Scope, receive: Receive, send: Send
@@ -300,6 +323,7 @@ class _Exchange:
         binding.unit = None
         binding.owner = middleware
         binding.renewable = True
+        binding.streaming = False
         binding.answered = False
         self.middleware = middleware
         self.scope = scope
@@ -313,10 +337,14 @@ class _Exchange:
         state = self.state
         if state == _STREAMING:
             if not self._is_final(message):
+                if message["type"] == "http.response.body":
+                    return self._body(message)
                 return self._server_send(message)
             if self.binding.unit is None:
                 self.state = _DONE
-                self.binding.answered = True
+                self._answered()
+                if self.held is not None:
+                    return self._release(message)
                 return self._server_send(message)
             return self._final(message)
         if state == _BEFORE:
@@ -324,13 +352,55 @@ class _Exchange:
                 return self._server_send(message)
             self.status = message["status"]
             self.trailers = bool(message.get("trailers", False))
+            self.start = message
+            self.unsent = None
+            self.held = None
             self.state = _STREAMING
+            self.binding.streaming = True
             if self.binding.unit is None:
                 return self._server_send(message)
             return self._start(message)
         if state == _DONE:
             return self._server_send(message)
         return self._drop(message)
+
+    def _answered(self) -> None:
+        # The final message leaves: work from now on is work after the response.
+        binding = self.binding
+        binding.answered = True
+        binding.streaming = False
+
+    def _body(self, message: Message) -> Awaitable[None]:
+        """A body message that is not the final one.
+
+        Once the body reaches the ``content-length`` its start declared, a client takes the
+        response as complete: the message that reaches it is held back with what follows,
+        until the stream's work is settled at the final message (``_final``), so that a
+        failed commit there still leaves the response visibly short.
+        """
+        held = self.held
+        if held is not None:
+            held.append(message)
+            return _nothing()
+        unsent = self.unsent
+        if unsent is None:
+            unsent = self.unsent = _declared_length(self.start)
+        if unsent < 0:
+            return self._server_send(message)
+        size = len(message.get("body", b""))
+        if size < unsent:
+            self.unsent = unsent - size
+            return self._server_send(message)
+        self.unsent = 0
+        self.held = [message]
+        return _nothing()
+
+    async def _release(self, final: Message) -> None:
+        """Forward the held body messages, then the final one."""
+        for message in self.held or ():
+            await self._server_send(message)
+        self.held = None
+        await self._server_send(final)
 
     def _is_final(self, message: Message) -> bool:
         kind = message["type"]
@@ -369,14 +439,18 @@ class _Exchange:
         unit = self.binding.unit
         assert unit is not None
         self.state = _DONE
-        self.binding.answered = True
+        self._answered()
         commit = middleware.commit_on(self.status)
         error = await middleware.units.end_async(unit, commit, inline=middleware.inline)
         self.binding.unit = None
         if error is not None:
-            # Too late for a 500: withhold the final message so the response is visibly
-            # incomplete, and let the server abort the connection.
+            # Too late for a 500: withhold the final message (and the body messages held
+            # back, see _body) so the response is visibly incomplete, and let the server
+            # abort the connection.
             raise error
+        if self.held is not None:
+            await self._release(message)
+            return
         await self._server_send(message)
 
     async def _drop(self, message: Message) -> None:
@@ -384,7 +458,7 @@ class _Exchange:
         if not self._is_final(message):
             return
         self.state = _DONE
-        self.binding.answered = True
+        self._answered()
         unit = self.binding.unit
         if unit is not None:
             self.binding.unit = None

@@ -129,6 +129,7 @@ class _Response:
         "_iterable",
         "_iterator",
         "_on_commit_error",
+        "_pending",
         "_replaced",
         "_replacement",
         "_server_start",
@@ -157,6 +158,8 @@ class _Response:
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
+        # The bytes of the declared Content-Length not yet passed on (None: not looked up).
+        self._pending: int | None = None
         self._unit = units.open()
         self._binding = Binding(self._unit, owner=middleware)
         # The binding lives in a context of our own, entered for the call, every chunk and
@@ -222,7 +225,6 @@ class _Response:
             self._replace(error)
         elif self._status is not None:
             self._write = self._server_start(self._status, self._headers)
-        self._headers = []
 
     def _replace(self, error: BaseException) -> None:
         self._remove()
@@ -259,12 +261,34 @@ class _Response:
         except BaseException:
             self._remove()
             raise
-        if not self._settled and self._status is not None:
-            # A chunk before 'start_response' (PEP 3333 allows empty ones) decides nothing.
+        if not self._settled:
+            if self._status is None:
+                # A chunk before 'start_response' (PEP 3333 allows empty ones) decides nothing.
+                return chunk
             self._settle()
             if self._replaced:
                 return next(self._iterator)
-        return chunk
+        pending = self._pending
+        if pending is None:
+            pending = _declared_length(self._headers)
+        if pending < 0 or len(chunk) < pending:
+            self._pending = pending - len(chunk)
+            return chunk
+        return self._last(chunk)
+
+    def _last(self, chunk: bytes) -> bytes:
+        """``chunk`` completes the declared Content-Length: once the server sends it, the
+        client takes the response as complete. So the body runs to its end first and what
+        it wrote is settled; a failed commit raises, and the chunk never leaves.
+        """
+        self._pending = -1
+        try:
+            rest = b"".join(self._iterator)
+        except BaseException:
+            self._remove()
+            raise
+        self._end()
+        return chunk + rest
 
     def _end(self) -> None:
         """The body is complete (built, or exhausted): settle what it wrote, then remove."""
@@ -311,6 +335,17 @@ def _close(context: contextvars.Context, iterable: Iterable[bytes]) -> None:
     close = getattr(iterable, "close", None)
     if close is not None:
         context.run(close)
+
+
+def _declared_length(headers: list[tuple[str, str]]) -> int:
+    """The Content-Length of ``headers``, or -1."""
+    for name, value in headers:
+        if name.lower() == "content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return -1
 
 
 def _discard(data: bytes) -> None:
