@@ -19,8 +19,6 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from . import _streams
-
 __all__ = ["DEFAULT_FILENAME", "default_url", "make_engine", "make_session_factory", "safe_url"]
 
 DEFAULT_FILENAME = "sessionscope.sqlite3"
@@ -126,9 +124,8 @@ def make_engine(
             " 'engine_options' is passed unchanged to SQLAlchemy's create_engine();"
             " check its documentation for the names it accepts."
         ) from exc
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    _streams.note_pool(sync_engine, options)
     if embedded:
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         event.listen(sync_engine, "connect", _enable_wal)
     return engine
 

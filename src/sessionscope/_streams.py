@@ -17,42 +17,36 @@ more than 45 s. A body past the limit fails at once, at its first statement, rat
 wait: it would wait holding a thread. Bodies that run on the event loop (async
 generators) need no thread between chunks, and are not counted.
 
-A pool's connections are its size plus its overflow for the engines this library created;
-for an engine the app passed in only its ``pool_size`` is known (SQLAlchemy does not
-publish the overflow).
+A pool's connections are its size plus its overflow. The unit's own commits and rollbacks
+run outside the endpoints' limiter and are never counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
 from ._unit import Unit
 
-__all__ = ["give_back", "note_pool", "take"]
-
-# QueuePool's defaults, for an engine created without these options.
-_POOL_SIZE, _MAX_OVERFLOW = 5, 10
+__all__ = ["give_back", "take"]
 
 _lock = threading.Lock()
-_capacity: weakref.WeakKeyDictionary[Engine, int | None] = weakref.WeakKeyDictionary()
 _held: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
 
 
-def note_pool(engine: Engine, options: Mapping[str, Any]) -> None:
-    """Record the capacity of the pool this library created for ``engine`` from ``options``."""
-    if not isinstance(engine.pool, QueuePool):
-        return
-    size = options.get("pool_size", _POOL_SIZE)
-    overflow = options.get("max_overflow", _MAX_OVERFLOW)
-    # A pool_size of 0 or a negative overflow lets the pool grow without a bound.
-    _capacity[engine] = None if size == 0 or overflow < 0 else size + overflow
+def _forget_in_child() -> None:
+    # A forked child has none of its parent's requests: nothing of theirs is held there.
+    global _lock
+    _lock = threading.Lock()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _limit(engine: Engine) -> int | None:
@@ -60,12 +54,13 @@ def _limit(engine: Engine) -> int | None:
     pool = engine.pool
     if not isinstance(pool, QueuePool):
         return None  # NullPool, StaticPool, SingletonThreadPool: no one waits for them
-    if engine in _capacity:
-        capacity = _capacity[engine]
-    else:
-        size = pool.size()
-        capacity = size if size > 0 else None
-    return None if capacity is None else capacity // 2
+    # SQLAlchemy publishes the pool's size but not its overflow limit, which it keeps as
+    # '_max_overflow' (-1: unbounded, as a pool_size of 0 makes it). Read only, here only.
+    overflow = getattr(pool, "_max_overflow", 0)
+    size = pool.size()
+    if size <= 0 or overflow < 0:
+        return None
+    return (size + overflow) // 2
 
 
 def _in_worker_thread() -> bool:
@@ -80,37 +75,43 @@ def take(unit: Unit, engine: Engine) -> str | None:
     """A streaming unit's session began a transaction on ``engine``: count its connection
     if a sync body holds it (a worker thread), or return why it may not.
     """
-    if unit.holds is not None and engine in unit.holds:
-        return None
     limit = _limit(engine)
     if limit is None or not _in_worker_thread():
         return None
     with _lock:
+        holds = unit.holds
+        if unit.closed or (holds is not None and engine in holds):
+            return None
         held = _held.get(engine, 0)
         if held >= limit:
             return _refusal(limit)
         _held[engine] = held + 1
-    if unit.holds is None:
-        unit.holds = [engine]
-    else:
-        unit.holds.append(engine)
+        if holds is None:
+            unit.holds = [engine]
+        else:
+            holds.append(engine)
+        if unit.closed:
+            # The unit ended meanwhile (a thread of the app's still using its session), and
+            # give_back may have found nothing to give back: do it here.
+            _held[engine] -= 1
+            unit.holds.remove(engine)
     return None
 
 
 def give_back(unit: Unit) -> None:
     """``unit`` has ended: the connections its sync body held are free again."""
-    engines, unit.holds = unit.holds, None
-    if not engines:
-        return
+    if unit.holds is None:
+        return  # nothing held, or a take() running now sees the unit closed and undoes it
     with _lock:
+        engines, unit.holds = unit.holds or (), None
         for engine in engines:
             _held[engine] -= 1
 
 
 def _refusal(limit: int) -> str:
     return (
-        f"Too many sync streaming bodies use the database at once: {limit} already hold a"
-        " connection, half of the pool's. A sync body holds its connection until its"
+        f"Too many sync streaming bodies use the database at once: the limit is {limit}"
+        " connections, half of the pool's. A sync body holds its connection until its"
         " final message and needs a worker thread for each chunk; if sync bodies held every"
         " connection while the endpoints waiting for one held every thread, the server would"
         " stall. Write from an 'async def' generator body (it needs no thread), make the"

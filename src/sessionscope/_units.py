@@ -203,10 +203,21 @@ class Units:
         ``inline`` allows it); otherwise in a worker thread outside the endpoints' limiter.
         An async session's end runs in a task of its own. A cancellation that arrives before
         COMMIT is sent rolls back; one that arrives after it waits for its outcome. With
-        ``keep`` the response has started: the unit goes on with stream work.
+        ``keep`` the response has started: once this end is done, the unit goes on with
+        stream work.
         """
-        if keep:
-            unit.streaming = True
+        # The unit's own commit is not a body holding a connection (see _streams): it is
+        # stream work only between its ends.
+        unit.streaming = False
+        try:
+            return await self._end_async(unit, commit, keep, inline)
+        finally:
+            if keep and not unit.closed:
+                unit.streaming = True
+
+    async def _end_async(
+        self, unit: Unit, commit: bool, keep: bool, inline: bool
+    ) -> BaseException | None:
         session = self.sessions.get(unit.key)
         if self.is_async:
             if session is None or not session.in_transaction():

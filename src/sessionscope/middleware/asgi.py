@@ -337,7 +337,7 @@ class _Exchange:
         state = self.state
         if state == _STREAMING:
             if not self._is_final(message):
-                if message["type"] == "http.response.body":
+                if self.held is not None or message["type"] == "http.response.body":
                     return self._body(message)
                 return self._server_send(message)
             if self.binding.unit is None:
@@ -380,7 +380,13 @@ class _Exchange:
         """
         held = self.held
         if held is not None:
-            held.append(message)
+            if message.get("body"):
+                # More than the declared length: the server refuses it. Let it, now,
+                # before the stream's work could be committed behind a broken response.
+                self.held = None
+                self.unsent = -1
+                return self._flush([*held, message])
+            held.append(message)  # an empty chunk, or trailers: they keep their order
             return _nothing()
         unsent = self.unsent
         if unsent is None:
@@ -388,19 +394,22 @@ class _Exchange:
         if unsent < 0:
             return self._server_send(message)
         size = len(message.get("body", b""))
-        if size < unsent:
-            self.unsent = unsent - size
+        if size != unsent:
+            # Short of the length (or past it: the server refuses that one at once).
+            self.unsent = unsent - size if size < unsent else -1
             return self._server_send(message)
         self.unsent = 0
         self.held = [message]
         return _nothing()
 
-    async def _release(self, final: Message) -> None:
-        """Forward the held body messages, then the final one."""
-        for message in self.held or ():
+    async def _flush(self, messages: list[Message]) -> None:
+        for message in messages:
             await self._server_send(message)
-        self.held = None
-        await self._server_send(final)
+
+    async def _release(self, final: Message) -> None:
+        """Forward the held messages, then the final one."""
+        held, self.held = self.held or [], None
+        await self._flush([*held, final])
 
     def _is_final(self, message: Message) -> bool:
         kind = message["type"]

@@ -126,6 +126,7 @@ class _Response:
         "_context",
         "_environ",
         "_headers",
+        "_held",
         "_iterable",
         "_iterator",
         "_on_commit_error",
@@ -160,6 +161,8 @@ class _Response:
         self._iterator: Iterator[bytes] = iter(())
         # The bytes of the declared Content-Length not yet passed on (None: not looked up).
         self._pending: int | None = None
+        # What 'write()' was given that completes that length: sent once the body is over.
+        self._held: bytes | None = None
         self._unit = units.open()
         self._binding = Binding(self._unit, owner=middleware)
         # The binding lives in a context of our own, entered for the call, every chunk and
@@ -212,6 +215,10 @@ class _Response:
             return
         if self._write is None:
             raise RuntimeError("The app called 'write()' before 'start_response'.")
+        if self._completes(data):
+            # Sent as the iterable's last chunk, once what the body wrote is committed.
+            self._held = data
+            return
         self._write(data)
 
     # -- the commit point ----------------------------------------------------------------
@@ -257,6 +264,9 @@ class _Response:
             self._end()
             if self._replaced:
                 return next(self._iterator)
+            held, self._held = self._held, None
+            if held is not None:
+                return held
             raise
         except BaseException:
             self._remove()
@@ -268,27 +278,38 @@ class _Response:
             self._settle()
             if self._replaced:
                 return next(self._iterator)
+        if self._completes(chunk):
+            return self._last(chunk)
+        return chunk
+
+    def _completes(self, data: bytes) -> bool:
+        """Whether ``data`` brings the body to exactly its declared Content-Length."""
         pending = self._pending
         if pending is None:
             pending = _declared_length(self._headers)
-        if pending < 0 or len(chunk) < pending:
-            self._pending = pending - len(chunk)
-            return chunk
-        return self._last(chunk)
+        if pending < 0 or len(data) != pending:
+            # Short of the declared length (or past it: the server refuses that one).
+            self._pending = pending - len(data) if len(data) < pending else -1
+            return False
+        self._pending = -1
+        return True
 
     def _last(self, chunk: bytes) -> bytes:
         """``chunk`` completes the declared Content-Length: once the server sends it, the
         client takes the response as complete. So the body runs to its end first and what
         it wrote is settled; a failed commit raises, and the chunk never leaves.
         """
-        self._pending = -1
         try:
-            rest = b"".join(self._iterator)
+            for more in self._iterator:
+                if more:
+                    # Past the declared length: the server refuses it. Let it, now, before
+                    # the stream's work could be committed behind a broken response.
+                    return chunk + more
         except BaseException:
             self._remove()
             raise
         self._end()
-        return chunk + rest
+        return chunk
 
     def _end(self) -> None:
         """The body is complete (built, or exhausted): settle what it wrote, then remove."""
