@@ -439,3 +439,27 @@ def test_example_app_creates_lists_and_fails(
         assert (db.live_units, db.live_sessions) == (0, 0)
     finally:
         db.dispose()
+
+
+@sync_backends
+def test_remove_in_teardown_appcontext_keeps_the_requests_writes(
+    db: Database[Any], rows: Rows
+) -> None:
+    """'db.session.remove()' in a 'teardown_appcontext' function (the idiom of SQLAlchemy's
+    own Flask docs) runs before the request's unit ends: the writes stay for the unit, the
+    201 is stored, and the unit still ends with nothing left behind (rule 20).
+    """
+    app = make_app(db)
+    removed: list[int] = []
+
+    @app.teardown_appcontext
+    def shutdown_session(exc: BaseException | None) -> None:
+        db.session.remove()
+        removed.append(db.live_sessions)
+
+    with werkzeug_server(app) as port:
+        assert fetch(port, "POST", "/kept") == (201, b"kept")
+        wait_until(lambda: (db.live_units, db.live_sessions) == (0, 0))
+    assert removed == [1]
+    assert rows() == ["kept"]
+    assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
