@@ -37,8 +37,9 @@ from sessionscope.middleware.wsgi import WSGISessionMiddleware
 from . import _servers
 from ._models import Child, Item
 from ._uvicorn import serve, wait_until
-from .conftest import MODES, DatabaseFactory, backend_params
+from .conftest import DatabaseFactory
 from .middleware._asgi_apps import insert, nothing_left
+from .test_stream_semantics import adapter_params
 
 pytestmark = pytest.mark.anyio
 
@@ -50,20 +51,8 @@ BODY = b"abcd"
 HEADERS = [("Content-Type", "text/plain"), ("Content-Length", str(len(BODY)))]
 
 
-def adapter_params() -> list[Any]:
-    """uvicorn with sync and async drivers; the WSGI adapters with sync drivers."""
-    params = []
-    for adapter in ["uvicorn", "wsgi", "flask"]:
-        modes = MODES if adapter == "uvicorn" else ["sync"]
-        for param in backend_params(modes=modes):
-            params.append(
-                pytest.param(*param.values, adapter, id=f"{adapter}-{param.id}", marks=param.marks)
-            )
-    return params
-
-
 every_adapter = pytest.mark.parametrize(
-    ("backend", "adapter"), adapter_params(), indirect=["backend"]
+    ("backend", "adapter"), adapter_params(["uvicorn", "wsgi", "flask"]), indirect=["backend"]
 )
 
 

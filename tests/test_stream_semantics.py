@@ -46,10 +46,10 @@ ASGI_ADAPTERS = ["asgi", "uvicorn"]
 WSGI_ADAPTERS = ["wsgi", "flask", "flask-stream_with_context"]
 
 
-def adapter_params() -> list[Any]:
-    """Every adapter on every backend it supports: ASGI with sync and async drivers."""
+def adapter_params(adapters: list[str] = ASGI_ADAPTERS + WSGI_ADAPTERS) -> list[Any]:
+    """Each of ``adapters`` on every backend it supports: ASGI with sync and async drivers."""
     params = []
-    for adapter in ASGI_ADAPTERS + WSGI_ADAPTERS:
+    for adapter in adapters:
         modes = MODES if adapter in ASGI_ADAPTERS else ["sync"]
         for param in backend_params(modes=modes):
             params.append(

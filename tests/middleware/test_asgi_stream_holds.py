@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -37,6 +36,7 @@ from .._models import Item
 from .._uvicorn import serve, wait_until
 from ..conftest import Backend, DatabaseFactory, assert_no_leaks, backend_params
 from ._asgi_apps import nothing_left
+from .test_asgi_stream_threads import bodies_then_endpoints
 
 pytestmark = pytest.mark.anyio
 
@@ -197,41 +197,14 @@ async def test_a_pool_passed_in_the_options_is_limited_by_its_own_size(
     connection each, endpoints take every thread and wait for the pool; the second body
     must be refused, or the endpoints wait for the pool's timeout.
     """
-    from .test_asgi_stream_threads import (
-        _app as threads_app,
-    )
-    from .test_asgi_stream_threads import (
-        _find_gate,
-        _whole,
-    )
 
     def connect() -> Any:
         return sqlite3.connect(backend.database, check_same_thread=False, timeout=15)
 
     pool = QueuePool(connect, pool_size=2, max_overflow=0, timeout=12)
-    db: Database[Session] = make_db(engine_options={"pool": pool})
-    threads = 3
-    app = threads_app(db, threading.Event())
-    async with (
-        serve(app) as served,
-        httpx.AsyncClient(base_url=served.url, timeout=40) as client,
-    ):
-        gate = _find_gate(app)
-        first = asyncio.ensure_future(_whole(client, "/stream"))
-        await wait_until(lambda: gate.waiting == 1)
-        second = asyncio.ensure_future(_whole(client, "/stream"))
-        await wait_until(lambda: gate.waiting == 2 or gate.failed == 1)
-        started = time.monotonic()
-        reads = [asyncio.ensure_future(client.get("/read")) for _ in range(threads + 2)]
-        await anyio.sleep(0.5)
-        gate.open.set()
-        await asyncio.gather(*reads, return_exceptions=True)
-        waited = time.monotonic() - started
-        await first
-        await second
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
-    assert gate.failed == 1, "the second sync body was allowed half of a pool of 15"
-    assert waited < 8, f"the endpoints waited {waited:.1f} s for a connection"
+    outcome = await bodies_then_endpoints(make_db(engine_options={"pool": pool}))
+    assert outcome.refused == 1, "the second sync body was allowed half of a pool of 15"
+    assert outcome.waited < 8, f"the endpoints waited {outcome.waited:.1f} s for a connection"
 
 
 @pytest.mark.parametrize("backend", SYNC, indirect=True)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
@@ -129,16 +130,22 @@ async def _whole(client: httpx.AsyncClient, path: str) -> bytes | Exception:
         return error
 
 
-@pytest.mark.parametrize("backend", SYNC, indirect=True)
-async def test_sync_streams_never_hold_every_connection(make_db: DatabaseFactory) -> None:
-    """Two sync bodies read and wait between their chunks; then endpoints take every
-    thread and wait for the pool, and the bodies are let go: the second body failed at once
-    (the first holds half of the pool), the endpoints got the connection left to
-    them and answered, and the first stream completed.
+@dataclass
+class Outcome:
+    """What ``bodies_then_endpoints`` saw."""
+
+    answers: list[object]  # the endpoints' status codes, or the errors they met
+    waited: float  # from the endpoints' requests to their last answer
+    streams: list[bytes | Exception]  # the two bodies, as their clients read them
+    refused: int  # sync bodies that failed (refused a connection)
+    log: str
+
+
+async def bodies_then_endpoints(db: Database[Any]) -> Outcome:
+    """Two sync bodies read and wait between their chunks; then ``THREADS + 2`` endpoints
+    take every thread and wait for the pool, and the bodies are let go.
     """
-    db = make_db(engine_options=POOL)
-    opened = threading.Event()
-    app = _app(db, opened)
+    app = _app(db, threading.Event())
     async with (
         serve(app) as served,
         httpx.AsyncClient(base_url=served.url, timeout=STALL * 4) as client,
@@ -155,15 +162,29 @@ async def test_sync_streams_never_hold_every_connection(make_db: DatabaseFactory
         answers = await asyncio.gather(*reads, return_exceptions=True)
         waited = time.monotonic() - started
         streams = [await first, await second]
-        log = served.log()
-    assert [getattr(answer, "status_code", answer) for answer in answers] == [200] * (THREADS + 2)
-    assert waited < STALL, f"the endpoints waited {waited:.1f} s for a connection"
-    assert streams[0] == b"first;second"
+        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+        return Outcome(
+            [getattr(answer, "status_code", answer) for answer in answers],
+            waited,
+            streams,
+            gate.failed,
+            served.log(),
+        )
+
+
+@pytest.mark.parametrize("backend", SYNC, indirect=True)
+async def test_sync_streams_never_hold_every_connection(make_db: DatabaseFactory) -> None:
+    """The second body fails at once (the first holds half of the pool), the endpoints
+    get the connection left to them and answer, and the first stream completes.
+    """
+    outcome = await bodies_then_endpoints(make_db(engine_options=POOL))
+    assert outcome.answers == [200] * (THREADS + 2)
+    assert outcome.waited < STALL, f"the endpoints waited {outcome.waited:.1f} s"
+    assert outcome.streams[0] == b"first;second"
     # The start had left: the second body's failure could only cut its response short.
-    assert isinstance(streams[1], httpx.RemoteProtocolError), streams[1]
-    assert gate.failed == 1
-    assert "sync streaming bodies" in log, log
-    await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+    assert isinstance(outcome.streams[1], httpx.RemoteProtocolError), outcome.streams[1]
+    assert outcome.refused == 1
+    assert "sync streaming bodies" in outcome.log, outcome.log
 
 
 def _find_gate(app: Starlette) -> _Gate:
