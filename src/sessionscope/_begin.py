@@ -31,7 +31,8 @@ class _Begin:
                 "This 'db.begin()' block was already entered; call 'db.begin()' again."
             )
         units = self._db.units
-        unit = self._unit = units.open()
+        # Nested in an app's unit, it connects where that unit does.
+        unit = self._unit = units.open(source=units.source())
         self._token = units.bind(Binding(unit, owner=self))
         return unit
 

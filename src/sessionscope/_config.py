@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 __all__ = ["DEFAULT_FILENAME", "default_url", "make_engine", "make_session_factory", "safe_url"]
 
@@ -107,8 +107,15 @@ def make_engine(
     parsed = _parse(url)
     asynchronous = is_async_url(parsed)
     create = create_async_engine if asynchronous else _create_sync_engine
-    if _is_sqlite_file(parsed) and not any(name in options for name in _POOL_CHOICES):
-        options = {**SQLITE_POOL_OPTIONS, **options}
+    if not any(name in options for name in _POOL_CHOICES):
+        if _is_sqlite_file(parsed):
+            options = {**SQLITE_POOL_OPTIONS, **options}
+        elif is_sqlite_memory(parsed) and not asynchronous:
+            # One database per connection: every thread must get the same one, or a table
+            # created at start-up is missing in the requests a server's threads run.
+            # (aiosqlite's dialect does this for memory databases already.)
+            connect_args = {"check_same_thread": False, **options.get("connect_args", {})}
+            options = {**options, "poolclass": StaticPool, "connect_args": connect_args}
     try:
         engine: Engine | AsyncEngine = create(parsed, **options)
     except ModuleNotFoundError as exc:
@@ -128,6 +135,11 @@ def make_engine(
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         event.listen(sync_engine, "connect", _enable_wal)
     return engine
+
+
+def is_sqlite_memory(url: URL) -> bool:
+    """Whether ``url`` names an SQLite database that lives in memory (one per connection)."""
+    return url.get_backend_name() == "sqlite" and not _is_sqlite_file(url)
 
 
 def _is_sqlite_file(url: URL) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, overload
 
@@ -17,10 +18,12 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from typing_extensions import TypeVar
 
 from . import _config, _tracking
+from ._source import Source
 from ._units import UnitRegistry, Units
 
 if TYPE_CHECKING:
     from ._begin import AsyncBegin, SyncBegin
+    from ._unit import Unit
 
 __all__ = ["Database"]
 
@@ -170,6 +173,8 @@ class Database(Generic[SessionT]):
         self._session_factory = session_factory
         self._owns_engine = False
         self._embedded = False
+        # Databases of other apps this one serves ('add_source'), disposed with it.
+        self._sources: weakref.WeakSet[Source] = weakref.WeakSet()
         self._registry: scoped_session[Session] | async_scoped_session[AsyncSession] | None
         self._registry = None
         self.units = Units(self)
@@ -180,75 +185,144 @@ class Database(Generic[SessionT]):
 
     # -- configuration ------------------------------------------------------------------
 
-    def configure(
-        self,
-        url: str | URL | None,
-        engine_options: Mapping[str, Any] | None = None,
-        session_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Fill in what the constructor left open (used by ``init_app``)."""
-        with self.units.lock:
-            if self._registry is not None:
-                raise RuntimeError(
-                    f"{self!r} is already in use, so its URL and options can no longer"
-                    " change. Configure it before the first request or 'db.session' call."
-                )
-            if self._url is None and self._engine is None and self._session_factory is None:
-                self._url = url
-            if engine_options:
-                self._engine_options = {**self._engine_options, **engine_options}
-            if session_options:
-                self._session_options = {**self._session_options, **session_options}
-
     @property
-    def is_configured(self) -> bool:
-        """Whether the engine and session factory exist already."""
-        return self._registry is not None
+    def names_database(self) -> bool:
+        """Whether a URL, engine or session factory was given (else ``init_app`` takes each
+        Flask app's database from its config, and other code gets ``DATABASE_URL``'s)."""
+        return not self._names_nothing()
 
     def _setup(self) -> scoped_session[Session] | async_scoped_session[AsyncSession]:
         with self.units.lock:
             if self._registry is not None:
                 return self._registry
-            factory = self._session_factory
-            if factory is None:
-                engine = self._engine
-                if engine is None:
-                    url = self._url
-                    if url is None:
-                        url = _config.default_url()
-                        self._embedded = url.startswith("sqlite:///") and url.endswith(
-                            _config.DEFAULT_FILENAME
-                        )
-                    engine = _config.make_engine(url, self._engine_options, embedded=self._embedded)
-                    self._owns_engine = True
-                    self._engine = engine
-                factory = _config.make_session_factory(engine, self._session_options)
-                self._session_factory = factory
-            elif self._engine is None:
-                bind = factory.kw.get("bind")
-                if not isinstance(bind, Engine | AsyncEngine):
-                    raise TypeError(
-                        "The 'session_factory' has no engine bound. Create it as"
-                        " 'sessionmaker(engine)' or 'async_sessionmaker(engine)'."
-                    )
-                self._engine = bind
-            assert self._engine is not None
-            _tracking.watch(self._engine)
+            factory: sessionmaker[Session] | async_sessionmaker[AsyncSession]
+            if self._names_nothing() and not _config.is_async_url(_config.default_url()):
+                # Nothing names the database yet: the session class exists now (listeners may
+                # be registered on 'db.session' at import), the engine only once a unit needs
+                # it, and never if every unit connects to an app's own ('db.init_app').
+                options = {**_config.DEFAULT_SESSION_OPTIONS, **self._session_options}
+                factory = sessionmaker(**options)
+            else:
+                factory = self._build()
             units = self.units
             registry: scoped_session[Session] | async_scoped_session[AsyncSession]
             if isinstance(factory, async_sessionmaker):
                 registry = async_scoped_session(factory, scopefunc=lambda: units.current().key)
             else:
                 registry = scoped_session(factory, scopefunc=lambda: units.current().key)
-            registry.registry = UnitRegistry(units, registry.registry.createfunc)
+            registry.registry = UnitRegistry(units, self._new_session)
             units.is_async = isinstance(registry, async_scoped_session)
             self._registry = registry
             return registry
 
+    def _names_nothing(self) -> bool:
+        return self._url is None and self._engine is None and self._session_factory is None
+
+    def _build(
+        self, session_class: type[Session] | None = None
+    ) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
+        """Create the engine (from the URL) and the session factory of the database's own."""
+        factory = self._session_factory
+        if factory is None:
+            engine = self._engine
+            if engine is None:
+                url = self._url
+                if url is None:
+                    url = _config.default_url()
+                    self._embedded = url.startswith("sqlite:///") and url.endswith(
+                        _config.DEFAULT_FILENAME
+                    )
+                engine = _config.make_engine(url, self._engine_options, embedded=self._embedded)
+                self._owns_engine = True
+                self._engine = engine
+            options = self._session_options
+            if session_class is not None:
+                options = {"class_": session_class, **options}
+            factory = _config.make_session_factory(engine, options)
+            self._session_factory = factory
+        elif self._engine is None:
+            bind = factory.kw.get("bind")
+            if not isinstance(bind, Engine | AsyncEngine):
+                raise TypeError(
+                    "The 'session_factory' has no engine bound. Create it as"
+                    " 'sessionmaker(engine)' or 'async_sessionmaker(engine)'."
+                )
+            self._engine = bind
+        assert self._engine is not None
+        _tracking.watch(self._engine)
+        return factory
+
+    def _own_factory(self) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
+        factory = self._session_factory
+        if factory is not None:
+            return factory
+        registry = self.session
+        with self.units.lock:
+            if self._session_factory is not None:
+                return self._session_factory
+            if self._sources:
+                raise RuntimeError(
+                    f"{self!r} was created without a URL and takes its database from the"
+                    " config of each Flask app it serves, but this code runs outside any app:"
+                    " it cannot tell which app's database to use. Run it inside"
+                    " 'with app.app_context():' (or a request), or give the Database a URL."
+                )
+            session_class = registry.session_factory.class_
+            assert issubclass(session_class, Session)
+            return self._build(session_class)
+
+    def _new_session(self, unit: Unit) -> Session | AsyncSession:
+        source = unit.source
+        if source is not None:
+            return source.factory()()
+        return self._own_factory()()
+
+    def add_source(
+        self,
+        url: str | URL,
+        engine_options: Mapping[str, Any] | None = None,
+        session_options: Mapping[str, Any] | None = None,
+    ) -> Source:
+        """A database other than this one's own, for the units an adapter opens with it.
+
+        ``db.init_app`` adds one per Flask app whose config names a database. The engine is
+        created on first use; sessions are of this database's session class, so listeners
+        registered on ``db.session`` apply to them. Only for a synchronous Database created
+        without a URL, engine or session factory.
+        """
+        registry = self.session
+        if not self._names_nothing():
+            raise RuntimeError(
+                f"{self!r} already names its database, so it cannot take another one: create"
+                " it as 'Database()', without a URL, to take one per app."
+            )
+        if self.units.is_async:
+            raise RuntimeError(
+                f"{self!r} hands out async sessions ('DATABASE_URL' names an async driver),"
+                " so it cannot take a database with synchronous sessions."
+            )
+        if _config.is_async_url(url):
+            raise RuntimeError(
+                f"{_config.safe_url(url)!r} names an async driver, but {self!r} hands out"
+                " synchronous sessions. Give a sync driver."
+            )
+        session_class = registry.session_factory.class_
+        assert issubclass(session_class, Session)
+        source = Source(url, engine_options or {}, session_options or {}, session_class)
+        self._sources.add(source)
+        return source
+
     @property
     def engine(self) -> Engine | AsyncEngine:
-        """The engine; created on first use when sessionscope builds it from a URL."""
-        self.session  # noqa: B018 - builds the engine
+        """The engine; created on first use when sessionscope builds it from a URL.
+
+        Inside a unit of an app with a database of its own (``db.init_app``), that app's.
+        """
+        source = self.units.source()
+        if source is not None:
+            return source.engine
+        if self._engine is None:
+            self._own_factory()
         assert self._engine is not None
         return self._engine
 
@@ -268,7 +342,10 @@ class Database(Generic[SessionT]):
     @property
     def url(self) -> str:
         """The database URL with the password hidden."""
-        if self._registry is None and self._engine is None:
+        source = self.units.source()
+        if source is not None:
+            return _config.safe_url(source.url)
+        if self._engine is None:
             url = self._url if self._url is not None else _config.default_url()
             return _config.safe_url(url)
         return _config.safe_url(self.sync_engine.url)
@@ -338,8 +415,17 @@ class Database(Generic[SessionT]):
             return app
         ```
         """
-        # Imported here so that 'import sessionscope' loads no Flask.
-        from .adapters.flask import init_app
+        try:
+            # Imported here so that 'import sessionscope' loads no Flask.
+            from .adapters.flask import init_app
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("flask", "werkzeug", "blinker"):
+                raise
+            raise RuntimeError(
+                f"'db.init_app' is for Flask apps, and Flask is not installed ({exc})."
+                " Install it with pip install 'sessionscope[flask]'. For an ASGI app, add"
+                " 'SessionMiddleware' instead; for another WSGI app, 'WSGISessionMiddleware'."
+            ) from exc
 
         init_app(self, app, **options)
 
@@ -351,11 +437,14 @@ class Database(Generic[SessionT]):
     # -- engines --------------------------------------------------------------------------
 
     def dispose(self) -> None:
-        """Close the pooled connections of the engine this ``Database`` created.
+        """Close the pooled connections of the engines this ``Database`` created.
 
-        An engine you passed in is yours and is left alone. For an async database use
+        That is its own and those of the apps it serves with a database of their own. An
+        engine you passed in is yours and is left alone. For an async database use
         ``await db.dispose_async()``.
         """
+        for source in list(self._sources):
+            source.dispose()
         if not self._owns_engine or self._engine is None:
             return
         if isinstance(self._engine, AsyncEngine):
@@ -363,7 +452,9 @@ class Database(Generic[SessionT]):
         self._engine.dispose()
 
     async def dispose_async(self) -> None:
-        """Close the pooled connections of the engine this ``Database`` created (any driver)."""
+        """Close the pooled connections of the engines this ``Database`` created (any driver)."""
+        for source in list(self._sources):
+            source.dispose()
         if not self._owns_engine or self._engine is None:
             return
         if isinstance(self._engine, AsyncEngine):

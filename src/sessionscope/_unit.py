@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from ._source import Source
+
 __all__ = ["Binding", "Cancel", "Unit", "default_commit_on"]
 
 # Tokens are never reused: a key left behind by a failed cleanup can never be handed to a
@@ -32,11 +34,14 @@ class Unit:
         "key",
         "ready",
         "rollback_only",
+        "source",
         "streaming",
     )
 
-    def __init__(self, streaming: bool = False) -> None:
+    def __init__(self, streaming: bool = False, source: Source | None = None) -> None:
         self.key = next(_tokens)
+        # Where the unit's session connects: None for the database's own engine.
+        self.source = source
         self.rollback_only = False
         self.closed = False
         # The response has started under ASGI: what the unit does now is stream work, and

@@ -38,6 +38,7 @@ from ._unit import Binding, Cancel, Unit
 
 if TYPE_CHECKING:
     from ._core import Database
+    from ._source import Source
 
 __all__ = ["UnitRegistry", "Units"]
 
@@ -66,9 +67,12 @@ class Units:
 
     # -- opening, binding, finding ----------------------------------------------------------
 
-    def open(self, streaming: bool = False) -> Unit:
-        """A new unit of work (no session, no connection until ``db.session`` is used)."""
-        unit = Unit(streaming)
+    def open(self, streaming: bool = False, source: Source | None = None) -> Unit:
+        """A new unit of work (no session, no connection until ``db.session`` is used).
+
+        :param source: where its session connects; None for the database's own engine.
+        """
+        unit = Unit(streaming, source)
         self.live.add(unit)
         return unit
 
@@ -82,6 +86,12 @@ class Units:
             # Reset from another context than the one that set it (a test fixture whose
             # setup and teardown run apart): restore what it replaced instead.
             self.binding.set(token.old_value if token.old_value is not Token.MISSING else None)
+
+    def source(self) -> Source | None:
+        """The source of the live unit the running code belongs to, if it has one."""
+        binding = self.binding.get()
+        unit = binding.unit if binding is not None else None
+        return unit.source if unit is not None and not unit.closed else None
 
     def current(self) -> Unit:
         """The unit the running code belongs to; opens a renewable binding's unit."""
@@ -340,11 +350,12 @@ class UnitRegistry(ScopedRegistry[Any]):
     when it ends a unit, so a session is stored only while its unit is live.
     """
 
-    __slots__ = ("_units",)
+    __slots__ = ("_create", "_units")
 
-    def __init__(self, units: Units, createfunc: Callable[[], Any]) -> None:
-        super().__init__(createfunc, lambda: units.current().key)
+    def __init__(self, units: Units, create: Callable[[Unit], Any]) -> None:
+        super().__init__(lambda: create(units.current()), lambda: units.current().key)
         self._units = units
+        self._create = create
         self.registry = units.sessions
 
     def __call__(self) -> Any:
@@ -354,7 +365,7 @@ class UnitRegistry(ScopedRegistry[Any]):
             return self.registry[unit.key]
         except KeyError:
             pass
-        return self._store(unit, self.createfunc())
+        return self._store(unit, self._create(unit))
 
     def set(self, obj: Any) -> None:
         self._store(self._units.current(), obj)

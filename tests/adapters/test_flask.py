@@ -81,14 +81,16 @@ def test_app_config_configures_a_database_made_without_url(tmp_path: Path, key: 
     app.config["SQLALCHEMY_SESSION_OPTIONS"] = {"info": {"source": "config"}}
     db.init_app(app)
     try:
-        assert db.url == app.config[key]
-        assert db.sync_engine.pool.size() == 3  # type: ignore[attr-defined]
         with app.app_context():
+            assert db.url == app.config[key]
+            assert db.sync_engine.pool.size() == 3  # type: ignore[attr-defined]
             assert db.session().info == {"source": "config"}
-        # A second app with the same settings (one app per test) shares the database.
+        # A second app with the same settings (one app per test) gets the same settings.
         other = Flask(__name__)
         other.config.update(app.config)
         db.init_app(other)
+        with other.app_context():
+            assert db.url == app.config[key]
     finally:
         db.dispose()
 

@@ -11,35 +11,44 @@ context is torn down. An app context pushed inside a unit (a request, an outer a
 
 from __future__ import annotations
 
-import weakref
+import inspect
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, has_app_context, request
 from flask.signals import appcontext_pushed
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from werkzeug.wsgi import ClosingIterator
 
+from .._config import default_url, is_async_url, is_sqlite_memory, safe_url
 from .._unit import Binding, Unit, default_commit_on
-from ..middleware.wsgi import BODY_BUILT, WSGISessionMiddleware
+from ..middleware.wsgi import BODY_BUILT, SETTLE_AT_START, WSGISessionMiddleware
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
 
     from .._core import Database
+    from .._source import Source
 
 __all__ = ["init_app"]
 
 EXTENSION = "sessionscope"
 _G_KEY = "_sessionscope_units"
 
-Settings = tuple[str | None, dict[str, Any], dict[str, Any]]
-
-# The app settings a Database was configured from, so that a second app (the factory
-# pattern in tests) with the same settings may share it and one with others is refused.
-_configured_from: weakref.WeakKeyDictionary[Database[Any], Settings] = weakref.WeakKeyDictionary()
+# Flask-SQLAlchemy's config keys that sessionscope reads; the others are not silently
+# ignored ('_warn_unsupported').
+_READ_KEYS = frozenset(
+    {
+        "SQLALCHEMY_DATABASE_URI",
+        "SQLALCHEMY_ENGINE_OPTIONS",
+        "SQLALCHEMY_SESSION_OPTIONS",
+        "SQLALCHEMY_ECHO",
+    }
+)
 
 
 def init_app(
@@ -58,23 +67,18 @@ def init_app(
     :param on_commit_error: maps a failed commit to the WSGI app producing the replacement
         response, for example a ``flask.Response``; default: a plain-text 500.
     """
+    if not isinstance(app, Flask):
+        raise TypeError(_not_flask(app))
     registered: dict[Database[Any], _AppContextUnits] = app.extensions.get(EXTENSION, {})
     if db in registered:
         raise RuntimeError(
             f"{db!r} is already registered on the Flask app {app.name!r}. Call"
             " 'db.init_app(app)' once per app, for example in the app factory."
         )
-    _configure(db, app)
-    if db.is_async:
-        raise RuntimeError(
-            f"{db!r} uses an async driver, but Flask runs each request in sync code"
-            " (async views too, each on an event loop of its own). Give Flask a sync"
-            " driver: 'postgresql+psycopg' instead of 'postgresql+asyncpg', 'sqlite' instead"
-            " of 'sqlite+aiosqlite', 'mysql+pymysql' instead of 'mysql+aiomysql'."
-        )
-    units = _AppContextUnits(db)
+    source = _source(db, app)
+    units = _AppContextUnits(db, source)
     app.wsgi_app = WSGISessionMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, db, commit_on=commit_on, on_commit_error=on_commit_error
+        app.wsgi_app, db, commit_on=commit_on, on_commit_error=on_commit_error, source=source
     )
     appcontext_pushed.connect(units.pushed, sender=app, weak=False)
     # Wrapped rather than connected to 'request_finished', which Flask sends at the same
@@ -104,7 +108,12 @@ def init_app(
 
 
 def _mark_body_built(response: Response) -> None:
-    # The final response: after every 'after_request' function and the session cookie.
+    # The final response: after every 'after_request' function and the session cookie. Flask
+    # passes its status to 'start_response' while the request's contexts are still pushed,
+    # so the unit settles there: the flush, the commit, its listeners and callbacks see
+    # 'current_app', 'g' and proxies such as 'current_user'.
+    environ = request.environ
+    environ[SETTLE_AT_START] = True
     if (
         response.is_streamed
         and response.status_code >= 300
@@ -115,39 +124,83 @@ def _mark_body_built(response: Response) -> None:
         # page: buffered, it no longer passes for a stream that needs the session.
         response.make_sequence()
     if not response.is_streamed:
-        request.environ[BODY_BUILT] = True
+        environ[BODY_BUILT] = True
 
 
-def _configure(db: Database[Any], app: Flask) -> None:
-    config = app.config
-    url: str | None = config.get("SQLALCHEMY_DATABASE_URI") or config.get("DATABASE_URL")
-    settings: Settings = (
-        url,
-        dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {}),
-        dict(config.get("SQLALCHEMY_SESSION_OPTIONS") or {}),
+def _not_flask(app: object) -> str:
+    kind = type(app).__name__
+    if hasattr(app, "add_middleware") or inspect.iscoroutinefunction(
+        getattr(app, "__call__", None)  # noqa: B004 - an ASGI app is an async callable
+    ):
+        return (
+            f"'db.init_app' is for Flask apps, and {kind!r} is an ASGI app. Add the"
+            " middleware instead: 'app.add_middleware(SessionMiddleware, db=db)'"
+            " (from sessionscope import SessionMiddleware)."
+        )
+    return (
+        f"'db.init_app' is for Flask apps, not {kind!r}. Wrap another WSGI app as"
+        " 'WSGISessionMiddleware(app, db)', and an ASGI app as 'SessionMiddleware(app, db=db)'."
     )
-    if not db.is_configured:
-        db.configure(*settings)
-        _configured_from[db] = settings
+
+
+def _source(db: Database[Any], app: Flask) -> Source | None:
+    """The app's own database, from its config; None when it uses the Database's."""
+    config = app.config
+    _warn_unsupported(config)
+    url: str | URL | None = config.get("SQLALCHEMY_DATABASE_URI") or config.get("DATABASE_URL")
+    engine_options = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    session_options = dict(config.get("SQLALCHEMY_SESSION_OPTIONS") or {})
+    if config.get("SQLALCHEMY_ECHO"):
+        engine_options.setdefault("echo", config["SQLALCHEMY_ECHO"])
+    if db.names_database:
+        _check_shared(db, app, url, bool(engine_options or session_options))
+        return None
+    if url is None and not (engine_options or session_options):
+        _refuse_async(db)
+        return None
+    url = url if url is not None else default_url()
+    _refuse_async(db, url)
+    url = _instance_relative(url, app)
+    return db.add_source(url, engine_options, session_options)
+
+
+def _refuse_async(db: Database[Any], url: str | URL | None = None) -> None:
+    if url is None:
+        if not db.is_async:
+            return
+        named = db.url
+    elif is_async_url(url):
+        named = safe_url(url)
+    else:
         return
-    if _configured_from.get(db) == settings:
-        return
-    if settings[1] or settings[2]:
+    raise RuntimeError(
+        f"{named!r} names an async driver, but Flask runs each request in sync code"
+        " (async views too, each on an event loop of its own). Give Flask a sync"
+        " driver: 'postgresql+psycopg' instead of 'postgresql+asyncpg', 'sqlite' instead"
+        " of 'sqlite+aiosqlite', 'mysql+pymysql' instead of 'mysql+aiomysql'."
+    )
+
+
+def _check_shared(db: Database[Any], app: Flask, url: str | URL | None, options: bool) -> None:
+    """A Database created with its URL serves every app with it: refuse other settings."""
+    if options:
         raise RuntimeError(
-            f"{db!r} already has its engine, so the app {app.name!r} cannot change it with"
-            " 'SQLALCHEMY_ENGINE_OPTIONS' or 'SQLALCHEMY_SESSION_OPTIONS'. Pass the options"
-            " to 'Database(...)', or create the Database without a URL and let the first"
-            " 'init_app' configure it."
+            f"{db!r} was created with its engine, so the app {app.name!r} cannot change it"
+            " with 'SQLALCHEMY_ENGINE_OPTIONS', 'SQLALCHEMY_SESSION_OPTIONS' or"
+            " 'SQLALCHEMY_ECHO'. Pass the options to 'Database(...)', or create it as"
+            " 'Database()', without a URL, to take each app's settings from its config."
         )
     if url is not None and not _same_url(url, db):
         raise RuntimeError(
-            f"{db!r} already has its engine, but the app {app.name!r} names another"
-            f" database in its config. One Database has one engine: create a Database"
-            " per database, or give every app the same URL."
+            f"{db!r} was created with its URL, but the app {app.name!r} names another"
+            f" database in its config ({safe_url(url)!r}). Create it as 'Database()',"
+            " without a URL, to take each app's database from its config, or give the"
+            " app no URL (or the same one)."
         )
+    _refuse_async(db)
 
 
-def _same_url(url: str, db: Database[Any]) -> bool:
+def _same_url(url: str | URL, db: Database[Any]) -> bool:
     try:
         given = make_url(url)
     except ArgumentError:
@@ -157,11 +210,43 @@ def _same_url(url: str, db: Database[Any]) -> bool:
     )
 
 
+def _instance_relative(url: str | URL, app: Flask) -> str | URL:
+    """Flask's convention: a relative SQLite path names a file in the app's instance folder."""
+    parsed = make_url(url)
+    database = parsed.database
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or is_sqlite_memory(parsed)
+        or database is None
+        or database.startswith("file:")
+        or os.path.isabs(database)
+    ):
+        return url
+    os.makedirs(app.instance_path, exist_ok=True)
+    return parsed.set(database=os.path.join(app.instance_path, database))
+
+
+def _warn_unsupported(config: Mapping[str, Any]) -> None:
+    for key, value in config.items():
+        if not key.startswith("SQLALCHEMY_") or key in _READ_KEYS:
+            continue
+        if not value and key in ("SQLALCHEMY_TRACK_MODIFICATIONS", "SQLALCHEMY_BINDS"):
+            continue  # off or empty: asks for nothing that sessionscope would not do
+        warnings.warn(
+            f"The app config sets {key!r}, which sessionscope does not read. Remove it;"
+            " docs/migrating-from-flask-sqlalchemy.md says what replaces it (for"
+            " 'SQLALCHEMY_BINDS': a Database per database).",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
 class _AppContextUnits:
     """Opens a unit for an app context pushed outside any unit; removes it at its teardown."""
 
-    def __init__(self, db: Database[Any]) -> None:
+    def __init__(self, db: Database[Any], source: Source | None) -> None:
         self.db = db
+        self.source = source
 
     def pushed(self, app: Flask, **extra: Any) -> None:
         db = self.db
@@ -173,7 +258,7 @@ class _AppContextUnits:
             # Inside a unit, or inside an ASGI request whose unit opens on first use (or
             # after its response, where 'db.session' opens the unit of the work after it).
             return
-        unit = units.open()
+        unit = units.open(source=self.source)
         binding = Binding(unit, owner=self)
         token = units.bind(binding)
         entries: dict[_AppContextUnits, _Entry] = g.setdefault(_G_KEY, {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ if TYPE_CHECKING:
     from _typeshed import OptExcInfo
 
     from .._core import Database
+    from .._source import Source
 
 __all__ = ["WSGISessionMiddleware", "internal_server_error"]
 
@@ -24,6 +24,10 @@ Write = Callable[[bytes], object]
 # Set to True in the environ by an app (the Flask adapter does) whose response body is
 # already built, so that the unit ends when the app returns rather than in close().
 BODY_BUILT = "sessionscope.body_built"
+# Set to True in the environ by an app (the Flask adapter does) whose next 'start_response'
+# call carries its final status, so that the unit settles in that call: inside the app's own
+# context (Flask's request and app context are still pushed), not after the app returned.
+SETTLE_AT_START = "sessionscope.settle_at_start"
 
 
 def internal_server_error(error: BaseException) -> WSGIApplication:
@@ -65,6 +69,8 @@ class WSGISessionMiddleware:
         (default: below 400).
     :param on_commit_error: maps a failed commit to the WSGI app that produces the
         replacement response (a Werkzeug ``Response`` works); default: a plain-text 500.
+    :param source: where the requests' sessions connect, from ``db.add_source()``
+        (``db.init_app`` passes each app's own); default: the database's own engine.
 
     ```python
     app = WSGISessionMiddleware(app, db)
@@ -81,6 +87,7 @@ class WSGISessionMiddleware:
         *,
         commit_on: Callable[[int], bool] = default_commit_on,
         on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
+        source: Source | None = None,
     ) -> None:
         if db is None:
             # Imported here: the package imports this module while it builds 'db'.
@@ -91,6 +98,7 @@ class WSGISessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.on_commit_error = on_commit_error or internal_server_error
+        self.source = source
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
@@ -104,14 +112,18 @@ class WSGISessionMiddleware:
                 " no 'db.init_app' of its own."
             )
         response = _Response(self, environ, start_response)
+        units = self.db.units
+        token = units.bind(response._binding)
         try:
-            response._context.run(response._start, self.app)
+            response._start(self.app)
         except BaseException:
             try:
-                response.close()
+                response._close()
             except Exception:
                 logger.warning("Closing the response of an app that raised failed", exc_info=True)
             raise
+        finally:
+            units.unbind(token)
         return response
 
 
@@ -123,7 +135,6 @@ class _Response:
         "_closed",
         "_code",
         "_commit_on",
-        "_context",
         "_environ",
         "_headers",
         "_held",
@@ -163,13 +174,12 @@ class _Response:
         self._pending: int | None = None
         # What 'write()' was given that completes that length: sent once the body is over.
         self._held: bytes | None = None
-        self._unit = units.open()
+        self._unit = units.open(source=middleware.source)
+        # Bound for the call, every chunk and close(), each time in the caller's own context
+        # and reset before returning: the app's code (Flask's contexts kept for a test, a
+        # 'stream_with_context' body) runs where it would run without us, and the server's
+        # thread keeps nothing of the request once it is over.
         self._binding = Binding(self._unit, owner=middleware)
-        # The binding lives in a context of our own, entered for the call, every chunk and
-        # close(): the body streams after __call__ returns, and the server's thread context
-        # must not keep it once the request is over.
-        self._context = contextvars.copy_context()
-        self._context.run(units.bind, self._binding)
 
     def _start(self, app: WSGIApplication) -> None:
         self._iterable = iterable = app(self._environ, self._start_response)
@@ -206,6 +216,10 @@ class _Response:
                 " PEP 3333 allows a second call only from an error handler, with 'exc_info'."
             )
         self._status, self._headers = status, headers
+        if self._environ.get(SETTLE_AT_START):
+            self._settle()
+            if self._replaced:
+                return _discard
         return self._write_body
 
     def _write_body(self, data: bytes) -> None:
@@ -253,7 +267,12 @@ class _Response:
         return self
 
     def __next__(self) -> bytes:
-        return self._context.run(self._next)
+        units = self._units
+        token = units.bind(self._binding)
+        try:
+            return self._next()
+        finally:
+            units.unbind(token)
 
     def _next(self) -> bytes:
         if self._replaced:
@@ -333,14 +352,22 @@ class _Response:
 
     def close(self) -> None:
         """Close the app's iterable, then remove the unit (rolled back if it is still open)."""
+        units = self._units
+        token = units.bind(self._binding)
+        try:
+            self._close()
+        finally:
+            units.unbind(token)
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            _close(self._context, self._iterable)
+            _close(self._iterable)
         finally:
             try:
-                _close(self._context, self._replacement)
+                _close(self._replacement)
             finally:
                 self._remove()
 
@@ -352,10 +379,10 @@ class _Response:
         self._binding.unit = None
 
 
-def _close(context: contextvars.Context, iterable: Iterable[bytes]) -> None:
+def _close(iterable: Iterable[bytes]) -> None:
     close = getattr(iterable, "close", None)
     if close is not None:
-        context.run(close)
+        close()
 
 
 def _declared_length(headers: list[tuple[str, str]]) -> int:
