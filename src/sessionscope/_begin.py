@@ -40,6 +40,18 @@ class _Begin:
         assert self._token is not None
         self._db.units.unbind(self._token)
 
+    def _session(self) -> Any:
+        """The unit's session; if it cannot be made, the unit ends here (no exit follows)."""
+        try:
+            return self._db.session()
+        except BaseException:
+            assert self._unit is not None
+            try:
+                self._db.units.remove(self._unit)  # it has no session: nothing to wait for
+            finally:
+                self._close_binding()
+            raise
+
 
 class SyncBegin(_Begin):
     """``with db.begin() as session:`` for a database with a synchronous driver."""
@@ -48,7 +60,7 @@ class SyncBegin(_Begin):
 
     def __enter__(self) -> Session:
         self._open()
-        session = self._db.session()
+        session = self._session()
         assert isinstance(session, Session)
         return session
 
@@ -84,7 +96,7 @@ class AsyncBegin(_Begin):
 
     async def __aenter__(self) -> AsyncSession:
         self._open()
-        session = self._db.session()
+        session = self._session()
         assert isinstance(session, AsyncSession)
         return session
 

@@ -50,6 +50,27 @@ class _SessionProperty:
         return registry if registry is not None else db._setup()
 
 
+class _EngineProperty:
+    """``db.engine``: created on first use when sessionscope builds it from a URL.
+
+    An ``Engine`` for a synchronous database, an ``AsyncEngine`` for an async one. Inside a
+    unit of a Flask app with a database of its own (``db.init_app``), that app's engine.
+    """
+
+    @overload
+    def __get__(self, db: None, owner: type[Any]) -> _EngineProperty: ...
+    @overload
+    def __get__(self, db: Database[AsyncSession], owner: type[Any]) -> AsyncEngine: ...
+    @overload
+    def __get__(self, db: Database[Session], owner: type[Any]) -> Engine: ...
+    @overload
+    def __get__(self, db: Database[Any], owner: type[Any]) -> Any: ...
+    def __get__(self, db: Database[Any] | None, owner: type[Any]) -> Any:
+        if db is None:
+            return self
+        return db._current_engine()
+
+
 class _BeginProperty:
     """``db.begin()``: an independent unit of work for scripts, CLI commands, jobs and tests.
 
@@ -103,6 +124,7 @@ class Database(Generic[SessionT]):
     """
 
     session = _SessionProperty()
+    engine = _EngineProperty()
     begin = _BeginProperty()
 
     @overload
@@ -312,12 +334,7 @@ class Database(Generic[SessionT]):
         self._sources.add(source)
         return source
 
-    @property
-    def engine(self) -> Engine | AsyncEngine:
-        """The engine; created on first use when sessionscope builds it from a URL.
-
-        Inside a unit of an app with a database of its own (``db.init_app``), that app's.
-        """
+    def _current_engine(self) -> Engine | AsyncEngine:
         source = self.units.source()
         if source is not None:
             return source.engine
@@ -351,6 +368,8 @@ class Database(Generic[SessionT]):
         return _config.safe_url(self.sync_engine.url)
 
     def __repr__(self) -> str:
+        if self._sources and self._names_nothing() and self.units.source() is None:
+            return "<Database of each Flask app's own database>"
         return f"<Database {self.url}>"
 
     # -- units of work ------------------------------------------------------------------

@@ -69,11 +69,19 @@ class Binding:
     request is over) without setting the ``ContextVar`` again in a context it does not own.
     """
 
-    __slots__ = ("owner", "renewable", "streaming", "unit")
+    __slots__ = ("owner", "renewable", "source", "streaming", "unit")
 
-    def __init__(self, unit: Unit | None, owner: object, renewable: bool = False) -> None:
+    def __init__(
+        self,
+        unit: Unit | None,
+        owner: object,
+        renewable: bool = False,
+        source: Source | None = None,
+    ) -> None:
         self.unit = unit
         self.owner = owner
+        # Where a unit opened through this binding connects (see Unit.source).
+        self.source = source
         # Set by the ASGI middleware while the response streams: a unit opened now does
         # stream work.
         self.streaming = False
@@ -90,7 +98,8 @@ class Binding:
         binding answers for itself (its unit opens on first use).
         """
         unit = self.unit
-        return getattr(self.owner, "opens_requests", False) and unit is not None and not unit.closed
+        live = self.renewable if unit is None else not unit.closed
+        return live and getattr(self.owner, "opens_requests", False)
 
 
 class Cancel:

@@ -88,10 +88,16 @@ class Units:
             self.binding.set(token.old_value if token.old_value is not Token.MISSING else None)
 
     def source(self) -> Source | None:
-        """The source of the live unit the running code belongs to, if it has one."""
+        """Where the running code's unit connects (None: the database's own engine).
+
+        After its unit ended, the binding's: work after a Flask response connects to that
+        app's database.
+        """
         binding = self.binding.get()
-        unit = binding.unit if binding is not None else None
-        return unit.source if unit is not None and not unit.closed else None
+        if binding is None:
+            return None
+        unit = binding.unit
+        return unit.source if unit is not None and not unit.closed else binding.source
 
     def current(self) -> Unit:
         """The unit the running code belongs to; opens a renewable binding's unit."""
@@ -108,7 +114,7 @@ class Units:
         with self.lock:
             unit = binding.unit
             if unit is None and binding.renewable:
-                unit = binding.unit = self.open(binding.streaming)
+                unit = binding.unit = self.open(binding.streaming, binding.source)
             if unit is None or unit.closed:
                 self.raise_no_unit(binding)
             return unit

@@ -326,7 +326,7 @@ def test_unit_ends_after_the_last_chunk(db: Database[Any], rows: Rows) -> None:
 
     middleware = WSGISessionMiddleware(app, db)
     iterable = middleware(EnvironBuilder().get_environ(), Server().start_response)
-    assert db.live_units == 1
+    assert db.live_units == 0  # the unit opens on first use, in the body
     assert list(iterable) == [b"one", b"two"]
     assert (db.live_units, db.live_sessions) == (0, 0)
     close = getattr(iterable, "close")  # noqa: B009 - our iterable always has one
@@ -415,7 +415,7 @@ def test_cleanup_survives_an_app_close_that_raises(db: Database[Any], rows: Rows
 
 @sync_backends
 def test_a_request_that_never_uses_the_session_opens_no_session(db: Database[Any]) -> None:
-    """Its unit is open, but no session, no connection and no SQL come of it."""
+    """No unit opens (as under ASGI): no session, no connection and no SQL come of it."""
     server = Server(db)
     seen: list[tuple[int, int]] = []
 
@@ -425,7 +425,7 @@ def test_a_request_that_never_uses_the_session_opens_no_session(db: Database[Any
         return [b"static"]
 
     assert server.run(WSGISessionMiddleware(app, db)) == b"static"
-    assert seen == [(1, 0)]
+    assert seen == [(0, 0)]
     assert server.events == ["start_response 200 OK", "returned", "chunk static", "closed"]
     assert (db.live_units, db.live_sessions) == (0, 0)
 

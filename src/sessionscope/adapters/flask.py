@@ -259,7 +259,7 @@ class _AppContextUnits:
             # after its response, where 'db.session' opens the unit of the work after it).
             return
         unit = units.open(source=self.source)
-        binding = Binding(unit, owner=self)
+        binding = Binding(unit, owner=self, source=self.source)
         token = units.bind(binding)
         entries: dict[_AppContextUnits, _Entry] = g.setdefault(_G_KEY, {})
         entries[self] = _Entry(unit, binding, token)

@@ -324,6 +324,7 @@ class _Exchange:
         binding.owner = middleware
         binding.renewable = True
         binding.streaming = False
+        binding.source = None
         binding.answered = False
         self.middleware = middleware
         self.scope = scope

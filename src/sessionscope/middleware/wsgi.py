@@ -112,8 +112,9 @@ class WSGISessionMiddleware:
                 " no 'db.init_app' of its own."
             )
         response = _Response(self, environ, start_response)
-        units = self.db.units
-        token = units.bind(response._binding)
+        binding = self.db.units.binding
+        # Set and reset in one call, so in one context: the reset cannot fail.
+        token = binding.set(response._binding)
         try:
             response._start(self.app)
         except BaseException:
@@ -123,7 +124,7 @@ class WSGISessionMiddleware:
                 logger.warning("Closing the response of an app that raised failed", exc_info=True)
             raise
         finally:
-            units.unbind(token)
+            binding.reset(token)
         return response
 
 
@@ -135,6 +136,7 @@ class _Response:
         "_closed",
         "_code",
         "_commit_on",
+        "_ended",
         "_environ",
         "_headers",
         "_held",
@@ -147,7 +149,7 @@ class _Response:
         "_server_start",
         "_settled",
         "_status",
-        "_unit",
+        "_through",
         "_units",
         "_write",
     )
@@ -155,7 +157,7 @@ class _Response:
     def __init__(
         self, middleware: WSGISessionMiddleware, environ: WSGIEnvironment, start: StartResponse
     ) -> None:
-        self._units = units = middleware.db.units
+        self._units = middleware.db.units
         self._commit_on = middleware.commit_on
         self._on_commit_error = middleware.on_commit_error
         self._environ = environ
@@ -167,6 +169,9 @@ class _Response:
         self._settled = False
         self._replaced = False
         self._closed = False
+        # The unit has ended: the rest of the body passes through untouched (_through).
+        self._ended = False
+        self._through = False
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
@@ -174,12 +179,12 @@ class _Response:
         self._pending: int | None = None
         # What 'write()' was given that completes that length: sent once the body is over.
         self._held: bytes | None = None
-        self._unit = units.open(source=middleware.source)
-        # Bound for the call, every chunk and close(), each time in the caller's own context
-        # and reset before returning: the app's code (Flask's contexts kept for a test, a
-        # 'stream_with_context' body) runs where it would run without us, and the server's
-        # thread keeps nothing of the request once it is over.
-        self._binding = Binding(self._unit, owner=middleware)
+        # The unit opens on first use of 'db.session', as under ASGI: a request that never
+        # needs one costs no unit. The binding is set for the call, every chunk and close(),
+        # each time in the caller's own context and reset before returning: the app's code
+        # (Flask's contexts kept for a test, a 'stream_with_context' body) runs where it
+        # would run without us, and the server's thread keeps nothing of the request.
+        self._binding = Binding(None, middleware, renewable=True, source=middleware.source)
 
     def _start(self, app: WSGIApplication) -> None:
         self._iterable = iterable = app(self._environ, self._start_response)
@@ -240,8 +245,11 @@ class _Response:
     def _settle(self) -> None:
         """Commit or roll back, then pass the final status on (the 500 if the commit failed)."""
         self._settled = True
-        commit = self._code is not None and self._commit_on(self._code)
-        error = self._units.end(self._unit, commit, keep=True)
+        unit = self._binding.unit
+        error = None
+        if unit is not None:
+            commit = self._code is not None and self._commit_on(self._code)
+            error = self._units.end(unit, commit, keep=True)
         if error is not None:
             self._replace(error)
         elif self._status is not None:
@@ -249,7 +257,7 @@ class _Response:
 
     def _replace(self, error: BaseException) -> None:
         self._remove()
-        self._replaced = True
+        self._replaced = self._through = True
         # The server has not seen the app's status yet, so the replacement is the first and
         # only status it gets: no 'exc_info' replacement, which servers honour unevenly
         # (Werkzeug's test client raises it, gunicorn keeps the first call's headers).
@@ -267,15 +275,15 @@ class _Response:
         return self
 
     def __next__(self) -> bytes:
-        units = self._units
-        token = units.bind(self._binding)
+        binding = self._units.binding
+        token = binding.set(self._binding)
         try:
             return self._next()
         finally:
-            units.unbind(token)
+            binding.reset(token)
 
     def _next(self) -> bytes:
-        if self._replaced:
+        if self._through:
             return next(self._iterator)
         try:
             chunk = next(self._iterator)
@@ -332,32 +340,38 @@ class _Response:
 
     def _end(self) -> None:
         """The body is complete (built, or exhausted): settle what it wrote, then remove."""
-        if self._unit.closed:
+        if self._ended:
             # A built body ended the unit when the app returned: this is its exhaustion.
             return
         try:
             if not self._settled:
                 self._settle()
                 return
+            unit = self._units.close_binding(self._binding)
+            if unit is None:
+                return
             commit = self._code is not None and self._commit_on(self._code)
-            error = self._units.end(self._unit, commit)
+            error = self._units.end(unit, commit)
             if error is not None:
                 raise RuntimeError(
-                    "Committing what the app wrote while the body streamed failed after the"
-                    " status was sent; the response is aborted so that the client cannot"
-                    " take it as complete."
+                    "Committing what the app wrote after its status was decided (while the"
+                    " body streamed, or in a teardown function) failed after the status was"
+                    " passed to the server; the response is aborted so that the client"
+                    " cannot take it as complete."
                 ) from error
         finally:
             self._remove()
+            # Nothing is left to settle: the chunks still to come pass straight through.
+            self._through = self._held is None
 
     def close(self) -> None:
         """Close the app's iterable, then remove the unit (rolled back if it is still open)."""
-        units = self._units
-        token = units.bind(self._binding)
+        binding = self._units.binding
+        token = binding.set(self._binding)
         try:
             self._close()
         finally:
-            units.unbind(token)
+            binding.reset(token)
 
     def _close(self) -> None:
         if self._closed:
@@ -372,11 +386,11 @@ class _Response:
                 self._remove()
 
     def _remove(self) -> None:
-        unit = self._unit
-        if not unit.closed:  # ends once; a built body ends it before close() is called
+        self._ended = True
+        unit = self._units.close_binding(self._binding)
+        if unit is not None:  # ends once; a built body ends it before close() is called
             # Rolled back if still open; callbacks of a commit the app made itself still run.
             self._units.end(unit, commit=False)
-        self._binding.unit = None
 
 
 def _close(iterable: Iterable[bytes]) -> None:
