@@ -39,7 +39,8 @@ def create_app() -> Flask:
     """The application factory."""
     app = Flask(__name__)
     db.init_app(app)
-    Base.metadata.create_all(db.sync_engine)
+    with app.app_context():  # 'db.sync_engine' is the app's: its config may name its own
+        Base.metadata.create_all(db.sync_engine)
 
     @app.get("/items")
     def list_items() -> ResponseReturnValue:

@@ -281,14 +281,17 @@ def test_pool_sizes_you_pass_for_an_sqlite_file_are_used_unchanged(
 
 
 def test_other_pools_are_left_as_sqlalchemy_makes_them(tmp_path: Path) -> None:
-    """A memory database, a pool class you chose and a server database keep their pools."""
+    """A pool class you chose and a server database keep their pools; a memory database
+    has one connection, lent to one unit at a time."""
     memory: Database[Any] = Database("sqlite://")
     static: Database[Any] = Database(
         f"sqlite:///{tmp_path / 'static.sqlite3'}", engine_options={"poolclass": StaticPool}
     )
     server: Database[Any] = Database("postgresql+psycopg://app@127.0.0.1:1/app")
     try:
-        assert not isinstance(memory.sync_engine.pool, QueuePool)
+        memory_pool: Any = memory.sync_engine.pool
+        assert isinstance(memory_pool, QueuePool)
+        assert (memory_pool.size(), memory_pool._max_overflow) == (1, 0)
         assert isinstance(static.sync_engine.pool, StaticPool)
         server_pool: Any = server.sync_engine.pool
         assert (server_pool.size(), server_pool._max_overflow) == (5, 10)

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 __all__ = ["DEFAULT_FILENAME", "default_url", "make_engine", "make_session_factory", "safe_url"]
 
@@ -36,6 +36,8 @@ DEFAULT_SESSION_OPTIONS: Mapping[str, Any] = {"expire_on_commit": False}
 # local file handles, with no server to spare.
 SQLITE_POOL_OPTIONS: Mapping[str, Any] = {"pool_size": 15, "max_overflow": 0}
 _POOL_CHOICES = ("pool_size", "max_overflow", "poolclass", "pool")
+# An in-memory SQLite database lives in one connection, which the pool keeps for good.
+MEMORY_POOL_OPTIONS: Mapping[str, Any] = {"poolclass": QueuePool, "pool_size": 1, "max_overflow": 0}
 
 _DRIVER_PACKAGES = {
     "aiosqlite": "aiosqlite",
@@ -61,6 +63,12 @@ def safe_url(url: str | URL) -> str:
 def default_url() -> str:
     """``DATABASE_URL`` if set, else the embedded SQLite file in the working directory."""
     return os.environ.get("DATABASE_URL") or f"sqlite:///{Path.cwd() / DEFAULT_FILENAME}"
+
+
+def is_embedded(url: str | URL) -> bool:
+    """Whether ``url`` names the embedded default, an SQLite file named ``DEFAULT_FILENAME``."""
+    rendered = str(url)
+    return rendered.startswith("sqlite:///") and rendered.endswith(DEFAULT_FILENAME)
 
 
 def _parse(url: str | URL) -> URL:
@@ -112,10 +120,11 @@ def make_engine(
             options = {**SQLITE_POOL_OPTIONS, **options}
         elif is_sqlite_memory(parsed) and not asynchronous:
             # One database per connection: every thread must get the same one, or a table
-            # created at start-up is missing in the requests a server's threads run.
-            # (aiosqlite's dialect does this for memory databases already.)
+            # created at start-up is missing in the requests a server's threads run. And
+            # one unit at a time: shared by several at once (a StaticPool), one request's
+            # rollback took a concurrent request's rows, already answered 201, with it.
             connect_args = {"check_same_thread": False, **options.get("connect_args", {})}
-            options = {**options, "poolclass": StaticPool, "connect_args": connect_args}
+            options = {**MEMORY_POOL_OPTIONS, **options, "connect_args": connect_args}
     try:
         engine: Engine | AsyncEngine = create(parsed, **options)
     except ModuleNotFoundError as exc:

@@ -189,6 +189,11 @@ class Database(Generic[SessionT]):
                 " configure the sessionmaker itself."
             )
         self._url = url
+        # What the constructor was given (not what was built from the default since).
+        self._named = bool(given)
+        # The default URL read when the registry was made, so that a 'DATABASE_URL' set
+        # later cannot give an async engine to sync sessions.
+        self._default_url: str | None = None
         self._engine_options: Mapping[str, Any] = dict(engine_options or {})
         self._session_options: Mapping[str, Any] = dict(session_options or {})
         self._engine = engine
@@ -213,12 +218,16 @@ class Database(Generic[SessionT]):
         Flask app's database from its config, and other code gets ``DATABASE_URL``'s)."""
         return not self._names_nothing()
 
-    def _setup(self) -> scoped_session[Session] | async_scoped_session[AsyncSession]:
+    def _setup(
+        self, sync: bool = False
+    ) -> scoped_session[Session] | async_scoped_session[AsyncSession]:
         with self.units.lock:
             if self._registry is not None:
                 return self._registry
             factory: sessionmaker[Session] | async_sessionmaker[AsyncSession]
-            if self._names_nothing() and not _config.is_async_url(_config.default_url()):
+            if not self._named:
+                self._default_url = _config.default_url()
+            if not self._named and (sync or not _config.is_async_url(self._default_url or "")):
                 # Nothing names the database yet: the session class exists now (listeners may
                 # be registered on 'db.session' at import), the engine only once a unit needs
                 # it, and never if every unit connects to an app's own ('db.init_app').
@@ -238,7 +247,7 @@ class Database(Generic[SessionT]):
             return registry
 
     def _names_nothing(self) -> bool:
-        return self._url is None and self._engine is None and self._session_factory is None
+        return not self._named
 
     def _build(
         self, session_class: type[Session] | None = None
@@ -250,10 +259,15 @@ class Database(Generic[SessionT]):
             if engine is None:
                 url = self._url
                 if url is None:
-                    url = _config.default_url()
-                    self._embedded = url.startswith("sqlite:///") and url.endswith(
-                        _config.DEFAULT_FILENAME
-                    )
+                    url = self._default_url or _config.default_url()
+                    if url != _config.default_url():
+                        raise RuntimeError(
+                            f"'DATABASE_URL' changed after 'db.session' was first used: it"
+                            f" was {_config.safe_url(url)!r} then, and the sessions were made"
+                            " for it. Set 'DATABASE_URL' before the first use of"
+                            " 'db.session' (load '.env' first), or give the Database its URL."
+                        )
+                    self._embedded = _config.is_embedded(url)
                 engine = _config.make_engine(url, self._engine_options, embedded=self._embedded)
                 self._owns_engine = True
                 self._engine = engine
@@ -312,7 +326,7 @@ class Database(Generic[SessionT]):
         registered on ``db.session`` apply to them. Only for a synchronous Database created
         without a URL, engine or session factory.
         """
-        registry = self.session
+        registry = self._setup(sync=True)
         if not self._names_nothing():
             raise RuntimeError(
                 f"{self!r} already names its database, so it cannot take another one: create"
@@ -320,8 +334,9 @@ class Database(Generic[SessionT]):
             )
         if self.units.is_async:
             raise RuntimeError(
-                f"{self!r} hands out async sessions ('DATABASE_URL' names an async driver),"
-                " so it cannot take a database with synchronous sessions."
+                f"{self!r} hands out async sessions: 'DATABASE_URL' named an async driver"
+                " when 'db.session' was first used, so it cannot take a database with"
+                " synchronous sessions. Register the apps before using 'db.session'."
             )
         if _config.is_async_url(url):
             raise RuntimeError(
@@ -363,9 +378,12 @@ class Database(Generic[SessionT]):
         if source is not None:
             return _config.safe_url(source.url)
         if self._engine is None:
-            url = self._url if self._url is not None else _config.default_url()
+            url = self._url or self._default_url or _config.default_url()
             return _config.safe_url(url)
-        return _config.safe_url(self.sync_engine.url)
+        engine = self._engine
+        return _config.safe_url(
+            engine.sync_engine.url if isinstance(engine, AsyncEngine) else engine.url
+        )
 
     def __repr__(self) -> str:
         if self._sources and self._names_nothing() and self.units.source() is None:

@@ -67,7 +67,8 @@ class Source:
             return factory
         with self._lock:
             if self._factory is None:
-                engine = _config.make_engine(self.url, self.engine_options, embedded=False)
+                embedded = _config.is_embedded(self.url)
+                engine = _config.make_engine(self.url, self.engine_options, embedded=embedded)
                 assert isinstance(engine, Engine)  # 'add_source' refuses async URLs
                 _tracking.watch(engine)
                 # A class of the app's own (SQLModel's Session, say) wins over ours.

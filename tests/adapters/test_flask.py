@@ -342,7 +342,7 @@ def test_stream_with_context_keeps_the_session_for_the_stream(
 
 @sync_backends
 def test_teardown_request_writes_belong_to_the_request(db: Database[Any], rows: Rows) -> None:
-    """Teardown functions run before the commit, so their writes follow the request's status."""
+    """Teardown-request functions run before the commit, so their writes follow the status."""
     app = make_app(db)
 
     @app.teardown_request

@@ -14,11 +14,12 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, has_app_context, request
+from flask import Flask, Response, g, has_app_context, has_request_context, request
 from flask.signals import appcontext_pushed
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -26,7 +27,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from .._config import default_url, is_async_url, is_sqlite_memory, safe_url
 from .._unit import Binding, Unit, default_commit_on
-from ..middleware.wsgi import BODY_BUILT, SETTLE_AT_START, WSGISessionMiddleware
+from ..middleware.wsgi import BODY_BUILT, SETTLE, WSGISessionMiddleware
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
@@ -77,10 +78,32 @@ def init_app(
         )
     source = _source(db, app)
     units = _AppContextUnits(db, source)
-    app.wsgi_app = WSGISessionMiddleware(  # type: ignore[method-assign]
+    middleware = WSGISessionMiddleware(
         app.wsgi_app, db, commit_on=commit_on, on_commit_error=on_commit_error, source=source
     )
-    appcontext_pushed.connect(units.pushed, sender=app, weak=False)
+    app.wsgi_app = middleware  # type: ignore[method-assign]
+    # Weak: 'app.extensions' keeps 'units' as long as the app lives, and no longer (a
+    # strong receiver kept every app of a test suite, and its engine, alive).
+    appcontext_pushed.connect(units.pushed, sender=app, weak=True)
+    if source is not None:
+        weakref.finalize(app, source.dispose)
+    # The unit settles once the request's teardown functions have run, while its request
+    # and app contexts are still pushed: the flush, the commit, its listeners and callbacks
+    # see 'current_app', 'g' and proxies such as 'current_user', and a teardown function
+    # that raises rolls back. A 'stream_with_context' body keeps the contexts until it
+    # ends: then the unit settles at its first chunk, and what it wrote at this teardown.
+    teardown_request = app.do_teardown_request
+
+    def do_teardown_request(*args: Any, **kwargs: Any) -> None:
+        try:
+            teardown_request(*args, **kwargs)
+        except BaseException:
+            _settle(middleware, failed=True)
+            raise
+        error = args[0] if args else kwargs.get("exc")
+        _settle(middleware, failed=error is not None)
+
+    app.do_teardown_request = do_teardown_request  # type: ignore[method-assign]
     # Wrapped rather than connected to 'request_finished', which Flask sends at the same
     # point: the signal's dispatch cost about 140 bytecodes per request (bare Flask /noop
     # runs about 3,500).
@@ -107,13 +130,19 @@ def init_app(
     app.extensions[EXTENSION] = registered
 
 
+def _settle(middleware: WSGISessionMiddleware, *, failed: bool) -> None:
+    if not has_request_context():
+        return
+    owner, settle = request.environ.get(SETTLE, (None, None))
+    if owner is middleware and settle is not None:
+        # Only the request this app's middleware opened: a request context of another
+        # request (a 'test_request_context()' inside a view) has nothing of ours.
+        settle(failed)
+
+
 def _mark_body_built(response: Response) -> None:
-    # The final response: after every 'after_request' function and the session cookie. Flask
-    # passes its status to 'start_response' while the request's contexts are still pushed,
-    # so the unit settles there: the flush, the commit, its listeners and callbacks see
-    # 'current_app', 'g' and proxies such as 'current_user'.
+    # The final response: after every 'after_request' function and the session cookie.
     environ = request.environ
-    environ[SETTLE_AT_START] = True
     if (
         response.is_streamed
         and response.status_code >= 300
@@ -155,12 +184,10 @@ def _source(db: Database[Any], app: Flask) -> Source | None:
     if db.names_database:
         _check_shared(db, app, url, bool(engine_options or session_options))
         return None
-    if url is None and not (engine_options or session_options):
-        _refuse_async(db)
-        return None
-    url = url if url is not None else default_url()
+    # An app that names no database gets the default ('DATABASE_URL', else the embedded
+    # file), on an engine of its own like every app of a Database made without a URL.
+    url = default_url() if url is None else _instance_relative(url, app)
     _refuse_async(db, url)
-    url = _instance_relative(url, app)
     return db.add_source(url, engine_options, session_options)
 
 
@@ -252,12 +279,17 @@ class _AppContextUnits:
         db = self.db
         units = db.units
         outer = units.binding.get()
-        if outer is not None and (
-            (outer.unit is not None and not outer.unit.closed) or outer.renewable
-        ):
-            # Inside a unit, or inside an ASGI request whose unit opens on first use (or
-            # after its response, where 'db.session' opens the unit of the work after it).
-            return
+        unit = outer.unit if outer is not None else None
+        live = unit is not None and not unit.closed
+        if outer is not None and (live or outer.renewable):
+            source = unit.source if unit is not None and live else outer.source
+            if source is None or source is self.source:
+                # Inside a unit of this app (or of an ASGI request, whose unit opens on first
+                # use, or after its response, where 'db.session' opens the unit of the work
+                # after it): this context shares it.
+                return
+            # Inside a unit of another app with its own database: this app's context gets a
+            # unit of its own, on this app's database.
         unit = units.open(source=self.source)
         binding = Binding(unit, owner=self, source=self.source)
         token = units.bind(binding)

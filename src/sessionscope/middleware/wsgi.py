@@ -24,10 +24,11 @@ Write = Callable[[bytes], object]
 # Set to True in the environ by an app (the Flask adapter does) whose response body is
 # already built, so that the unit ends when the app returns rather than in close().
 BODY_BUILT = "sessionscope.body_built"
-# Set to True in the environ by an app (the Flask adapter does) whose next 'start_response'
-# call carries its final status, so that the unit settles in that call: inside the app's own
-# context (Flask's request and app context are still pushed), not after the app returned.
-SETTLE_AT_START = "sessionscope.settle_at_start"
+# In the environ: (middleware, settle), where 'settle(failed)' settles the unit at once. A
+# framework whose own code runs after 'start_response' (Flask's teardown functions) calls
+# it once that code is over, still inside the framework's contexts, so that the flush, the
+# commit and its listeners see them; a true 'failed' rolls back whatever the status.
+SETTLE = "sessionscope.settle"
 
 
 def internal_server_error(error: BaseException) -> WSGIApplication:
@@ -138,10 +139,12 @@ class _Response:
         "_commit_on",
         "_ended",
         "_environ",
+        "_failed",
         "_headers",
         "_held",
         "_iterable",
         "_iterator",
+        "_late_error",
         "_on_commit_error",
         "_pending",
         "_replaced",
@@ -152,6 +155,7 @@ class _Response:
         "_through",
         "_units",
         "_write",
+        "_wrote",
     )
 
     def __init__(
@@ -172,6 +176,11 @@ class _Response:
         # The unit has ended: the rest of the body passes through untouched (_through).
         self._ended = False
         self._through = False
+        # Set by 'settle_here': the app's own code failed (its teardown raised, say).
+        self._failed = False
+        # What a commit made by 'settle_here' after the status left raised, for the end.
+        self._late_error: BaseException | None = None
+        self._wrote = False  # whether the app called the write() callable
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
@@ -185,6 +194,7 @@ class _Response:
         # (Flask's contexts kept for a test, a 'stream_with_context' body) runs where it
         # would run without us, and the server's thread keeps nothing of the request.
         self._binding = Binding(None, middleware, renewable=True, source=middleware.source)
+        environ[SETTLE] = (middleware, self.settle_here)
 
     def _start(self, app: WSGIApplication) -> None:
         self._iterable = iterable = app(self._environ, self._start_response)
@@ -198,7 +208,7 @@ class _Response:
             # No app code runs while a built body is sent, so nothing needs the session
             # any more; ending the unit now also spares it from a test client that never
             # calls close(). (After a 'write()' this commits what the app wrote since.)
-            self._end()
+            self._end(aborts=self._wrote)
         elif not self._settled:
             self._settle()
 
@@ -221,13 +231,10 @@ class _Response:
                 " PEP 3333 allows a second call only from an error handler, with 'exc_info'."
             )
         self._status, self._headers = status, headers
-        if self._environ.get(SETTLE_AT_START):
-            self._settle()
-            if self._replaced:
-                return _discard
         return self._write_body
 
     def _write_body(self, data: bytes) -> None:
+        self._wrote = True
         if not self._settled:
             self._settle()
         if self._replaced:
@@ -248,12 +255,31 @@ class _Response:
         unit = self._binding.unit
         error = None
         if unit is not None:
-            commit = self._code is not None and self._commit_on(self._code)
-            error = self._units.end(unit, commit, keep=True)
+            error = self._units.end(unit, self._commits(), keep=True)
         if error is not None:
             self._replace(error)
         elif self._status is not None:
             self._write = self._server_start(self._status, self._headers)
+
+    def _commits(self) -> bool:
+        return not self._failed and self._code is not None and self._commit_on(self._code)
+
+    def settle_here(self, failed: bool) -> None:
+        """Settle now: the app's own code is over (see ``SETTLE``).
+
+        Before the status left, this is the commit point. After it (a stream whose end the
+        app reports), what the body wrote is committed here; a failure aborts the body at
+        its end.
+        """
+        if self._ended or self._replaced or self._status is None:
+            return
+        self._failed = self._failed or failed
+        if not self._settled:
+            self._settle()
+            return
+        unit = self._binding.unit
+        if unit is not None and not unit.closed:
+            self._late_error = self._units.end(unit, self._commits(), keep=True)
 
     def _replace(self, error: BaseException) -> None:
         self._remove()
@@ -338,8 +364,13 @@ class _Response:
         self._end()
         return chunk
 
-    def _end(self) -> None:
-        """The body is complete (built, or exhausted): settle what it wrote, then remove."""
+    def _end(self, aborts: bool = True) -> None:
+        """The body is complete (built, or exhausted): settle what it wrote, then remove.
+
+        A failure to commit what was written after the status left aborts the response,
+        unless ``aborts`` is false: a built body none of which has left, whose own commit
+        is stored. Then the response stands (rule 19) and the failure is logged.
+        """
         if self._ended:
             # A built body ended the unit when the app returned: this is its exhaustion.
             return
@@ -348,11 +379,17 @@ class _Response:
                 self._settle()
                 return
             unit = self._units.close_binding(self._binding)
-            if unit is None:
-                return
-            commit = self._code is not None and self._commit_on(self._code)
-            error = self._units.end(unit, commit)
-            if error is not None:
+            error, self._late_error = self._late_error, None
+            if unit is not None:
+                error = self._units.end(unit, self._commits()) or error
+            if error is not None and not aborts:
+                logger.error(
+                    "Committing what the app wrote after its response was decided (in a"
+                    " teardown function) failed. The response stands: what the request"
+                    " wrote before is stored.",
+                    exc_info=error,
+                )
+            elif error is not None:
                 raise RuntimeError(
                     "Committing what the app wrote after its status was decided (while the"
                     " body streamed, or in a teardown function) failed after the status was"
