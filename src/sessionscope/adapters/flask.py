@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, has_app_context, has_request_context, request
+from flask import Flask, Response, g, has_app_context, request
 from flask.signals import appcontext_pushed
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -27,7 +27,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from .._config import default_url, is_async_url, is_sqlite_memory, safe_url
 from .._unit import Binding, Unit, default_commit_on
-from ..middleware.wsgi import BODY_BUILT, SETTLE, WSGISessionMiddleware
+from ..middleware.wsgi import BODY_BUILT, WSGISessionMiddleware
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
@@ -98,10 +98,10 @@ def init_app(
         try:
             teardown_request(*args, **kwargs)
         except BaseException:
-            _settle(middleware, failed=True)
+            middleware.settle_here(failed=True)
             raise
         error = args[0] if args else kwargs.get("exc")
-        _settle(middleware, failed=error is not None)
+        middleware.settle_here(failed=error is not None)
 
     app.do_teardown_request = do_teardown_request  # type: ignore[method-assign]
     # Wrapped rather than connected to 'request_finished', which Flask sends at the same
@@ -128,16 +128,6 @@ def init_app(
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
     registered[db] = units
     app.extensions[EXTENSION] = registered
-
-
-def _settle(middleware: WSGISessionMiddleware, *, failed: bool) -> None:
-    if not has_request_context():
-        return
-    owner, settle = request.environ.get(SETTLE, (None, None))
-    if owner is middleware and settle is not None:
-        # Only the request this app's middleware opened: a request context of another
-        # request (a 'test_request_context()' inside a view) has nothing of ours.
-        settle(failed)
 
 
 def _mark_body_built(response: Response) -> None:

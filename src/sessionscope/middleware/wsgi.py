@@ -24,11 +24,6 @@ Write = Callable[[bytes], object]
 # Set to True in the environ by an app (the Flask adapter does) whose response body is
 # already built, so that the unit ends when the app returns rather than in close().
 BODY_BUILT = "sessionscope.body_built"
-# In the environ: (middleware, settle), where 'settle(failed)' settles the unit at once. A
-# framework whose own code runs after 'start_response' (Flask's teardown functions) calls
-# it once that code is over, still inside the framework's contexts, so that the flush, the
-# commit and its listeners see them; a true 'failed' rolls back whatever the status.
-SETTLE = "sessionscope.settle"
 
 
 def internal_server_error(error: BaseException) -> WSGIApplication:
@@ -101,6 +96,22 @@ class WSGISessionMiddleware:
         self.on_commit_error = on_commit_error or internal_server_error
         self.source = source
 
+    def settle_here(self, failed: bool = False) -> None:
+        """Settle the request this middleware handles in the running code, now.
+
+        For a framework whose own code runs after its app called ``start_response`` (Flask
+        runs its teardown functions then): called once that code is over, still inside the
+        framework's contexts, so that the flush, the commit and its listeners see them. A
+        true ``failed`` rolls back whatever the status. Before ``start_response`` (a
+        request context pushed and popped inside a view) it does nothing; after the status
+        left (a stream), it settles what the body wrote so far.
+        """
+        binding = self.db.units.binding.get()
+        if isinstance(binding, _RequestBinding) and binding.owner is self:
+            response = binding.response
+            if response is not None:
+                response.settle_here(failed)
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
         outer = self.db.units.binding.get()
@@ -127,6 +138,13 @@ class WSGISessionMiddleware:
         finally:
             binding.reset(token)
         return response
+
+
+class _RequestBinding(Binding):
+    """A WSGI request's binding: its unit, and the response that settles it."""
+
+    __slots__ = ("response",)
+    response: _Response | None
 
 
 class _Response:
@@ -193,8 +211,8 @@ class _Response:
         # each time in the caller's own context and reset before returning: the app's code
         # (Flask's contexts kept for a test, a 'stream_with_context' body) runs where it
         # would run without us, and the server's thread keeps nothing of the request.
-        self._binding = Binding(None, middleware, renewable=True, source=middleware.source)
-        environ[SETTLE] = (middleware, self.settle_here)
+        self._binding = _RequestBinding(None, middleware, renewable=True, source=middleware.source)
+        self._binding.response = self
 
     def _start(self, app: WSGIApplication) -> None:
         self._iterable = iterable = app(self._environ, self._start_response)
@@ -265,7 +283,7 @@ class _Response:
         return not self._failed and self._code is not None and self._commit_on(self._code)
 
     def settle_here(self, failed: bool) -> None:
-        """Settle now: the app's own code is over (see ``SETTLE``).
+        """Settle now: the app's own code is over (see ``WSGISessionMiddleware.settle_here``).
 
         Before the status left, this is the commit point. After it (a stream whose end the
         app reports), what the body wrote is committed here; a failure aborts the body at
@@ -424,6 +442,9 @@ class _Response:
 
     def _remove(self) -> None:
         self._ended = True
+        # The binding holds this response, which holds the binding: break the cycle, or
+        # every request leaves one to the garbage collector.
+        self._binding.response = None
         unit = self._units.close_binding(self._binding)
         if unit is not None:  # ends once; a built body ends it before close() is called
             # Rolled back if still open; callbacks of a commit the app made itself still run.
