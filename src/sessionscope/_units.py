@@ -373,6 +373,13 @@ class UnitRegistry(ScopedRegistry[Any]):
             pass
         return self._store(unit, self._create(unit))
 
+    def has(self) -> bool:
+        # 'db.session.remove()' after the unit ended (a Flask teardown after a failed
+        # commit) has nothing to remove: not an error.
+        binding = self._units.binding.get()
+        unit = binding.unit if binding is not None else None
+        return unit is not None and not unit.closed and unit.key in self.registry
+
     def set(self, obj: Any) -> None:
         self._store(self._units.current(), obj)
 

@@ -12,6 +12,7 @@ context is torn down. An app context pushed inside a unit (a request, an outer a
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import warnings
 import weakref
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, has_app_context, request
+from flask import Flask, Response, g, has_app_context, has_request_context, request
 from flask.signals import appcontext_pushed
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .._source import Source
 
 __all__ = ["init_app"]
+
+logger = logging.getLogger("sessionscope")
 
 EXTENSION = "sessionscope"
 _G_KEY = "_sessionscope_units"
@@ -95,13 +98,14 @@ def init_app(
     teardown_request = app.do_teardown_request
 
     def do_teardown_request(*args: Any, **kwargs: Any) -> None:
+        error = args[0] if args else kwargs.get("exc")
+        environ = request.environ  # tells the request's own context from one pushed inside
         try:
             teardown_request(*args, **kwargs)
         except BaseException:
-            middleware.settle_here(failed=True)
+            middleware.settle_here(environ, raised=True, error=error)
             raise
-        error = args[0] if args else kwargs.get("exc")
-        middleware.settle_here(failed=error is not None)
+        middleware.settle_here(environ, error=error)
 
     app.do_teardown_request = do_teardown_request  # type: ignore[method-assign]
     # Wrapped rather than connected to 'request_finished', which Flask sends at the same
@@ -120,8 +124,24 @@ def init_app(
     teardown = app.do_teardown_appcontext
 
     def do_teardown_appcontext(*args: Any, **kwargs: Any) -> None:
+        # The request's own app context is torn down after its request context: what its
+        # teardown functions write is settled here, while 'current_app' and 'g' still work.
+        own = not has_request_context()
         try:
             teardown(*args, **kwargs)
+        except Exception:
+            # Raised after the request committed: the data is stored, so the response
+            # stands (rule 19); Flask would turn the error into a 500.
+            if not (own and middleware.settle_here(None, raised=True)):
+                raise
+            logger.error(
+                "A 'teardown_appcontext' function raised after the request was committed;"
+                " the response stands, since what the request wrote is stored.",
+                exc_info=True,
+            )
+        else:
+            if own:
+                middleware.settle_here(None)
         finally:
             units.torn_down()
 

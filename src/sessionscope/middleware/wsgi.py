@@ -96,21 +96,34 @@ class WSGISessionMiddleware:
         self.on_commit_error = on_commit_error or internal_server_error
         self.source = source
 
-    def settle_here(self, failed: bool = False) -> None:
+    def settle_here(
+        self,
+        environ: WSGIEnvironment | None,
+        *,
+        raised: bool = False,
+        error: BaseException | None = None,
+    ) -> bool:
         """Settle the request this middleware handles in the running code, now.
 
         For a framework whose own code runs after its app called ``start_response`` (Flask
         runs its teardown functions then): called once that code is over, still inside the
-        framework's contexts, so that the flush, the commit and its listeners see them. A
-        true ``failed`` rolls back whatever the status. Before ``start_response`` (a
-        request context pushed and popped inside a view) it does nothing; after the status
-        left (a stream), it settles what the body wrote so far.
+        framework's contexts, so that the flush, the commit and its listeners see them.
+
+        :param environ: the environ of the request whose own code is over (a request
+            context pushed inside it has another, and is ignored). ``None``: only settle
+            what was written since the first settle, which is decided by the status.
+        :param raised: that code raised; what is not settled yet rolls back.
+        :param error: the error the request ended with; it rolls back what a streamed body
+            wrote (a client gone), never the status's own decision.
+        :returns: whether the request's writes were committed at its first settle, so that
+            an error raised after it must not fail the response (rule 19).
         """
         binding = self.db.units.binding.get()
         if isinstance(binding, _RequestBinding) and binding.owner is self:
             response = binding.response
             if response is not None:
-                response.settle_here(failed)
+                return response.settle_here(environ, raised, error)
+        return False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
@@ -152,9 +165,11 @@ class _Response:
 
     __slots__ = (
         "_binding",
+        "_calling",
         "_closed",
         "_code",
         "_commit_on",
+        "_committed",
         "_ended",
         "_environ",
         "_failed",
@@ -196,6 +211,9 @@ class _Response:
         self._through = False
         # Set by 'settle_here': the app's own code failed (its teardown raised, say).
         self._failed = False
+        # The first settle committed: what the request wrote before it is stored.
+        self._committed = False
+        self._calling = False  # the app is being called (not its body iterated)
         # What a commit made by 'settle_here' after the status left raised, for the end.
         self._late_error: BaseException | None = None
         self._wrote = False  # whether the app called the write() callable
@@ -215,7 +233,11 @@ class _Response:
         self._binding.response = self
 
     def _start(self, app: WSGIApplication) -> None:
-        self._iterable = iterable = app(self._environ, self._start_response)
+        self._calling = True
+        try:
+            self._iterable = iterable = app(self._environ, self._start_response)
+        finally:
+            self._calling = False
         if self._replaced:
             # A 'write()' already met a failed commit: the replacement is what gets sent.
             return
@@ -272,8 +294,10 @@ class _Response:
         self._settled = True
         unit = self._binding.unit
         error = None
+        commit = self._commits()
         if unit is not None:
-            error = self._units.end(unit, self._commits(), keep=True)
+            error = self._units.end(unit, commit, keep=True)
+        self._committed = commit and error is None
         if error is not None:
             self._replace(error)
         elif self._status is not None:
@@ -282,22 +306,34 @@ class _Response:
     def _commits(self) -> bool:
         return not self._failed and self._code is not None and self._commit_on(self._code)
 
-    def settle_here(self, failed: bool) -> None:
+    def settle_here(
+        self, environ: WSGIEnvironment | None, raised: bool, error: BaseException | None
+    ) -> bool:
         """Settle now: the app's own code is over (see ``WSGISessionMiddleware.settle_here``).
 
         Before the status left, this is the commit point. After it (a stream whose end the
-        app reports), what the body wrote is committed here; a failure aborts the body at
-        its end.
+        app reports, a teardown after the commit), what was written since is committed
+        here; a failure aborts a body at its end.
         """
         if self._ended or self._replaced or self._status is None:
-            return
-        self._failed = self._failed or failed
+            return self._committed
+        if environ is not None and environ is not self._environ:
+            return False  # a request context pushed inside this request, not its own
+        if environ is None and not self._calling:
+            # Only while the app runs: once it returned, a context being torn down is one
+            # that its body pushed, not the request's own.
+            return self._committed
         if not self._settled:
+            if environ is None:
+                return False  # only the request's own context decides by the status
+            self._failed = raised
             self._settle()
-            return
+            return self._committed
+        self._failed = self._failed or raised or error is not None
         unit = self._binding.unit
         if unit is not None and not unit.closed:
             self._late_error = self._units.end(unit, self._commits(), keep=True)
+        return self._committed
 
     def _replace(self, error: BaseException) -> None:
         self._remove()
@@ -401,11 +437,11 @@ class _Response:
             if unit is not None:
                 error = self._units.end(unit, self._commits()) or error
             if error is not None and not aborts:
-                logger.error(
-                    "Committing what the app wrote after its response was decided (in a"
-                    " teardown function) failed. The response stands: what the request"
-                    " wrote before is stored.",
-                    exc_info=error,
+                # The commit's failure is logged with its traceback where it happened.
+                logger.warning(
+                    "What the app wrote after its response was decided (in a teardown"
+                    " function) was rolled back. The response stands: what the request"
+                    " wrote before is stored."
                 )
             elif error is not None:
                 raise RuntimeError(
@@ -432,13 +468,16 @@ class _Response:
         if self._closed:
             return
         self._closed = True
+        # The unit ends first: code the app runs as its body closes (a 'call_on_close'
+        # callback, a generator's 'finally') finds no session to write to, and says so,
+        # rather than write into a unit that is rolled back right after without a word.
         try:
-            _close(self._iterable)
+            self._remove()
         finally:
             try:
-                _close(self._replacement)
+                _close(self._iterable)
             finally:
-                self._remove()
+                _close(self._replacement)
 
     def _remove(self) -> None:
         self._ended = True
