@@ -97,15 +97,25 @@ def init_app(
     # ends: then the unit settles at its first chunk, and what it wrote at this teardown.
     teardown_request = app.do_teardown_request
 
+    binding = db.units.binding
+
+    def in_a_unit() -> bool:
+        # A request that never used the session has nothing to settle inside the contexts:
+        # its status passes when the app returns, at no cost here.
+        current = binding.get()
+        return current is not None and current.unit is not None
+
     def do_teardown_request(*args: Any, **kwargs: Any) -> None:
         error = args[0] if args else kwargs.get("exc")
-        environ = request.environ  # tells the request's own context from one pushed inside
         try:
             teardown_request(*args, **kwargs)
         except BaseException:
-            middleware.settle_here(environ, raised=True, error=error)
+            if in_a_unit():
+                # The environ tells the request's own context from one pushed inside it.
+                middleware.settle_here(request.environ, raised=True, error=error)
             raise
-        middleware.settle_here(environ, error=error)
+        if in_a_unit():
+            middleware.settle_here(request.environ, error=error)
 
     app.do_teardown_request = do_teardown_request  # type: ignore[method-assign]
     # Wrapped rather than connected to 'request_finished', which Flask sends at the same
@@ -124,15 +134,12 @@ def init_app(
     teardown = app.do_teardown_appcontext
 
     def do_teardown_appcontext(*args: Any, **kwargs: Any) -> None:
-        # The request's own app context is torn down after its request context: what its
-        # teardown functions write is settled here, while 'current_app' and 'g' still work.
-        own = not has_request_context()
         try:
             teardown(*args, **kwargs)
         except Exception:
             # Raised after the request committed: the data is stored, so the response
             # stands (rule 19); Flask would turn the error into a 500.
-            if not (own and middleware.settle_here(None, raised=True)):
+            if not (_own() and in_a_unit() and middleware.settle_here(None, raised=True)):
                 raise
             logger.error(
                 "A 'teardown_appcontext' function raised after the request was committed;"
@@ -140,7 +147,10 @@ def init_app(
                 exc_info=True,
             )
         else:
-            if own:
+            # The request's own app context is torn down after its request context: what
+            # its teardown functions wrote is settled here, while 'current_app' and 'g'
+            # still work.
+            if in_a_unit() and _own():
                 middleware.settle_here(None)
         finally:
             units.torn_down()
@@ -148,6 +158,12 @@ def init_app(
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
     registered[db] = units
     app.extensions[EXTENSION] = registered
+
+
+def _own() -> bool:
+    # An app context torn down with no request context left is a request's own (its
+    # request context goes first), or one outside any request.
+    return not has_request_context()
 
 
 def _mark_body_built(response: Response) -> None:

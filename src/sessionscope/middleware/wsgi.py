@@ -294,10 +294,10 @@ class _Response:
         self._settled = True
         unit = self._binding.unit
         error = None
-        commit = self._commits()
         if unit is not None:
+            commit = self._commits()
             error = self._units.end(unit, commit, keep=True)
-        self._committed = commit and error is None
+            self._committed = commit and error is None
         if error is not None:
             self._replace(error)
         elif self._status is not None:
