@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,12 +36,16 @@ def werkzeug_server(app: WSGIApplication) -> Iterator[int]:
 
 
 @contextmanager
-def gunicorn_server(target: str, env: dict[str, str], threads: int = 8) -> Iterator[int]:
-    """Run ``gunicorn`` (one worker, ``threads`` threads) on ``target``; kill it at the end."""
+def gunicorn_server(
+    target: str, env: dict[str, str], threads: int = 8, workers: int = 1, preload: bool = False
+) -> Iterator[int]:
+    """Run ``gunicorn`` (``workers`` workers of ``threads`` threads) on ``target``; kill it at
+    the end. With ``preload`` the master imports the app before it forks the workers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
-    command = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", str(threads)]
+    command = [sys.executable, "-m", "gunicorn", "--workers", str(workers)]
+    command += ["--threads", str(threads), *(["--preload"] if preload else [])]
     command += ["--bind", f"127.0.0.1:{port}", "--graceful-timeout", "2", target]
     process = subprocess.Popen(
         command,
@@ -47,6 +53,7 @@ def gunicorn_server(target: str, env: dict[str, str], threads: int = 8) -> Itera
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 20
@@ -63,7 +70,9 @@ def gunicorn_server(target: str, env: dict[str, str], threads: int = 8) -> Itera
                 time.sleep(0.1)
         yield port
     finally:
-        process.kill()
+        # The whole process group: a worker stuck on the database outlives its master.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
         assert process.stderr is not None
         process.stderr.close()

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from typing_extensions import TypeVar
 
-from . import _config, _tracking
+from . import _config, _forks, _tracking
 from ._source import Source
 from ._units import UnitRegistry, Units
 
@@ -202,6 +202,9 @@ class Database(Generic[SessionT]):
         self._embedded = False
         # Databases of other apps this one serves ('add_source'), disposed with it.
         self._sources: weakref.WeakSet[Source] = weakref.WeakSet()
+        # Set for good by the first 'add_source': code outside any app is then refused,
+        # also once the apps and their sources are gone.
+        self._serves_apps = False
         self._registry: scoped_session[Session] | async_scoped_session[AsyncSession] | None
         self._registry = None
         self.units = Units(self)
@@ -286,6 +289,7 @@ class Database(Generic[SessionT]):
             self._engine = bind
         assert self._engine is not None
         _tracking.watch(self._engine)
+        _forks.protect(self._engine)
         return factory
 
     def _own_factory(self) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
@@ -296,7 +300,7 @@ class Database(Generic[SessionT]):
         with self.units.lock:
             if self._session_factory is not None:
                 return self._session_factory
-            if self._sources:
+            if self._serves_apps:
                 raise RuntimeError(
                     f"{self!r} was created without a URL and takes its database from the"
                     " config of each Flask app it serves, but this code runs outside any app:"
@@ -347,6 +351,7 @@ class Database(Generic[SessionT]):
         assert issubclass(session_class, Session)
         source = Source(url, engine_options or {}, session_options or {}, session_class)
         self._sources.add(source)
+        self._serves_apps = True
         return source
 
     def _current_engine(self) -> Engine | AsyncEngine:
@@ -386,7 +391,7 @@ class Database(Generic[SessionT]):
         )
 
     def __repr__(self) -> str:
-        if self._sources and self._names_nothing() and self.units.source() is None:
+        if self._serves_apps and self.units.source() is None:
             return "<Database of each Flask app's own database>"
         return f"<Database {self.url}>"
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _streams, _tracking
+from . import _forks, _streams, _tracking
 from ._unit import Cancel, Unit
 
 __all__ = [
@@ -350,6 +350,7 @@ def _refuse_after_the_unit(session: Session, transaction: object, connection: An
         # Another engine of the session's binds, met for the first time: its transaction
         # began before it was watched.
         connection.info[_tracking.KEY] = _tracking.Record()
+        _forks.protect(connection.engine)
 
 
 _OURS = (_refuse_aborted, _committed)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import _config, _tracking
+from . import _config, _forks, _tracking
 
 __all__ = ["Source"]
 
@@ -71,6 +71,7 @@ class Source:
                 engine = _config.make_engine(self.url, self.engine_options, embedded=embedded)
                 assert isinstance(engine, Engine)  # 'add_source' refuses async URLs
                 _tracking.watch(engine)
+                _forks.protect(engine)
                 # A class of the app's own (SQLModel's Session, say) wins over ours.
                 options = {"class_": self.session_class, **self.session_options}
                 made = _config.make_session_factory(engine, options)
