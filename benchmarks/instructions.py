@@ -99,7 +99,7 @@ def _count(
     )
     try:
         if not servers.wait_ready(server, timeout=180.0):
-            raise RuntimeError(f"{variant} under callgrind: {server.error}\n{server.tail()}")
+            raise RuntimeError(f"{variant} under callgrind: {server.error}\n{server.log_tail()}")
         answered = asyncio.run(_drive(port, _request_paths(case, requests)))
         if answered != requests:
             raise RuntimeError(f"{variant}: {answered} of {requests} requests answered")
@@ -110,7 +110,7 @@ def _count(
     finally:
         out.unlink(missing_ok=True)
     if found is None:
-        raise RuntimeError(f"{variant}: callgrind wrote no summary\n{server.tail()}")
+        raise RuntimeError(f"{variant}: callgrind wrote no summary\n{server.log_tail()}")
     return int(found.group(1))
 
 
