@@ -26,6 +26,7 @@ from sessionscope.middleware.wsgi import WSGISessionMiddleware
 from .._models import Item
 from .._servers import fetch, wait_until, werkzeug_server
 from ..conftest import backend_params
+from ._apps import items_app
 
 sync_backends = pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
 
@@ -37,17 +38,7 @@ class Boom(Exception):
     """An error that nothing handles."""
 
 
-def make_app(db: Database[Any], **options: Any) -> Flask:
-    """A Flask app with ``db`` registered; POST /<name> stores an item and answers 201."""
-    app = Flask(__name__)
-    db.init_app(app, **options)
-
-    @app.post("/<name>")
-    def create(name: str) -> tuple[str, int]:
-        db.session.add(Item(name=name))
-        return name, 201
-
-    return app
+make_app = items_app
 
 
 # -- registration and configuration ----------------------------------------------------------

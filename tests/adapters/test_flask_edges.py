@@ -33,6 +33,7 @@ from sessionscope import Database
 from .._models import Base, Child, Item
 from .._servers import fetch, wait_until, werkzeug_server
 from ..conftest import Backend, backend_params
+from ._apps import items_app
 
 sync_backends = pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
 
@@ -66,19 +67,6 @@ def notes(checker: Engine) -> Iterator[Callable[[], list[tuple[str, str]]]]:
 
     yield read
     NoteBase.metadata.drop_all(checker)
-
-
-def items_app(db: Database[Any], **options: Any) -> Flask:
-    """POST /<name> stores an item named <name> and answers 201."""
-    app = Flask(__name__)
-    db.init_app(app, **options)
-
-    @app.post("/<name>")
-    def create(name: str) -> tuple[str, int]:
-        db.session.add(Item(name=name))
-        return name, 201
-
-    return app
 
 
 def sqlite_uri(path: Path) -> str:
