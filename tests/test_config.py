@@ -349,3 +349,59 @@ async def test_dispose_leaves_an_engine_you_passed_alone(backend: Backend) -> No
     await db.dispose_async()
     assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
     engine.dispose()
+
+
+# -- PgBouncer ----------------------------------------------------------------------------------
+
+
+def test_pgbouncer_turns_off_server_side_prepared_statements_per_driver() -> None:
+    """Behind transaction pooling nothing may outlive a transaction: each driver's setting."""
+    psycopg: Database[Any] = Database("postgresql+psycopg://app@127.0.0.1:1/app", pgbouncer=True)
+    asyncpg: Database[Any] = Database("postgresql+asyncpg://app@127.0.0.1:1/app", pgbouncer=True)
+    try:
+        assert options_of(psycopg)["prepare_threshold"] is None
+        settings = options_of(asyncpg)
+        assert settings["statement_cache_size"] == settings["prepared_statement_cache_size"] == 0
+        name = settings["prepared_statement_name_func"]
+        assert name() != name(), "two clients on one server connection need unique names"
+    finally:
+        psycopg.dispose()
+        asyncpg.sync_engine.dispose()  # it never connected: nothing to await
+
+
+class _Captured(Exception):
+    """Stops a connection attempt once its parameters are seen."""
+
+
+def options_of(db: Database[Any]) -> dict[str, Any]:
+    """The keyword arguments the engine passes on to connect (seen by 'do_connect')."""
+    seen: dict[str, Any] = {}
+
+    def capture(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        seen.update(cparams)
+        raise _Captured
+
+    sa.event.listen(db.sync_engine, "do_connect", capture)
+    with pytest.raises(_Captured):
+        db.sync_engine.connect()
+    return seen
+
+
+def test_pgbouncer_is_refused_where_it_cannot_help() -> None:
+    """Not PostgreSQL, a driver it does not know, a setting that would undo it: each says why."""
+    with pytest.raises(ValueError, match="is for PostgreSQL"):
+        Database("sqlite://", pgbouncer=True)
+    with pytest.raises(ValueError, match="'pg8000'"):
+        Database("postgresql+pg8000://app@127.0.0.1:1/app", pgbouncer=True)
+    with pytest.raises(ValueError, match="prepare_threshold"):
+        Database(
+            "postgresql+psycopg://app@127.0.0.1:1/app",
+            engine_options={"connect_args": {"prepare_threshold": 5}},
+            pgbouncer=True,
+        )
+    engine = sa.create_engine("sqlite://")
+    try:
+        with pytest.raises(TypeError, match="prepare_threshold"):
+            Database(engine=engine, pgbouncer=True)  # type: ignore[call-overload]
+    finally:
+        engine.dispose()

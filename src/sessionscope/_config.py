@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def _enable_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
 
 
 def make_engine(
-    url: str | URL, options: Mapping[str, Any], *, embedded: bool
+    url: str | URL, options: Mapping[str, Any], *, embedded: bool, pgbouncer: bool = False
 ) -> Engine | AsyncEngine:
     """Create the engine for ``url``, passing ``options`` to SQLAlchemy unchanged.
 
@@ -115,6 +116,8 @@ def make_engine(
     parsed = _parse(url)
     asynchronous = is_async_url(parsed)
     create = create_async_engine if asynchronous else _create_sync_engine
+    if pgbouncer:
+        options = pgbouncer_options(parsed, options)
     if not any(name in options for name in _POOL_CHOICES):
         if _is_sqlite_file(parsed):
             options = {**SQLITE_POOL_OPTIONS, **options}
@@ -149,6 +152,58 @@ def make_engine(
 def is_sqlite_memory(url: URL) -> bool:
     """Whether ``url`` names an SQLite database that lives in memory (one per connection)."""
     return url.get_backend_name() == "sqlite" and not _is_sqlite_file(url)
+
+
+def _unique_statement_name() -> str:
+    return f"__sessionscope_{uuid.uuid4().hex}__"
+
+
+def pgbouncer_options(url: str | URL, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the driver settings that make ``url``'s driver safe behind PgBouncer
+    in transaction pooling mode.
+
+    A transaction may run on another server connection than the one before it, so nothing
+    may outlive a transaction on the server: the drivers' server-side prepared statements
+    must go. psycopg 3 prepares a statement on its fifth run (``prepare_threshold``);
+    asyncpg prepares every statement and caches it, and names it after a counter that two
+    clients sharing a server connection both use. psycopg2 prepares nothing. A setting of
+    the same name in ``options["connect_args"]`` that would undo one is refused.
+    """
+    parsed = _parse(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(
+            f"'pgbouncer=True' is for PostgreSQL URLs, and {safe_url(parsed)!r} is not one:"
+            " PgBouncer pools PostgreSQL connections only."
+        )
+    driver = parsed.get_driver_name()
+    settings: dict[str, Any]
+    if driver in ("psycopg", "psycopg_async"):
+        settings = {"prepare_threshold": None}
+    elif driver == "asyncpg":
+        # SQLAlchemy's asyncpg dialect takes the last two; asyncpg the first.
+        settings = {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unique_statement_name,
+        }
+    elif driver == "psycopg2":
+        settings = {}
+    else:
+        raise ValueError(
+            f"'pgbouncer=True' cannot tell how to keep the driver {driver!r} from preparing"
+            " statements on the server, which breaks under PgBouncer's transaction pooling."
+            " Use 'postgresql+psycopg', 'postgresql+asyncpg' or 'postgresql+psycopg2'."
+        )
+    connect_args = dict(options.get("connect_args") or {})
+    if "prepared_statement_name_func" in connect_args:
+        settings.pop("prepared_statement_name_func", None)  # names of the app's own choice
+    for name, value in settings.items():
+        if name in connect_args and connect_args[name] != value:
+            raise ValueError(
+                f"'connect_args' sets {name!r} to {connect_args[name]!r}, which 'pgbouncer=True'"
+                f" must set to {value!r} for the driver {driver!r}: remove it."
+            )
+    return {**options, "connect_args": {**connect_args, **settings}}
 
 
 def _is_sqlite_file(url: URL) -> bool:

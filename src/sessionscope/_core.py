@@ -112,6 +112,9 @@ class Database(Generic[SessionT]):
         options set ``pool_size``, ``max_overflow``, ``poolclass`` or ``pool``.
     :param session_options: passed unchanged to ``sessionmaker()``; sessions built here
         default to ``expire_on_commit=False``.
+    :param pgbouncer: the database is reached through PgBouncer in transaction pooling
+        mode: the driver prepares no statement on the server (psycopg 3, asyncpg; psycopg2
+        never does). Other drivers, and URLs that are not PostgreSQL, are refused.
 
     The driver decides between ``Session`` and ``AsyncSession``: ``sqlite+aiosqlite``,
     ``postgresql+asyncpg`` or ``mysql+aiomysql`` give an ``AsyncSession``.
@@ -164,6 +167,7 @@ class Database(Generic[SessionT]):
         *,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        pgbouncer: bool = False,
     ) -> None: ...
     def __init__(
         self,
@@ -173,6 +177,7 @@ class Database(Generic[SessionT]):
         session_factory: sessionmaker[Session] | async_sessionmaker[AsyncSession] | None = None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        pgbouncer: bool = False,
     ) -> None:
         given = [name for name, value in (("url", url), ("engine", engine),
                  ("session_factory", session_factory)) if value is not None]  # fmt: skip
@@ -183,6 +188,16 @@ class Database(Generic[SessionT]):
                 "'engine_options' only applies when sessionscope creates the engine from a"
                 " URL; configure the engine you pass yourself."
             )
+        if pgbouncer and (engine or session_factory):
+            raise TypeError(
+                "'pgbouncer=True' applies when sessionscope creates the engine from a URL."
+                " Give the engine you create the driver settings yourself: psycopg"
+                " connect_args={'prepare_threshold': None}; asyncpg connect_args="
+                "{'statement_cache_size': 0, 'prepared_statement_cache_size': 0,"
+                " 'prepared_statement_name_func': <a function returning unique names>}."
+            )
+        if pgbouncer and url is not None:
+            _config.pgbouncer_options(url, {})  # a URL it cannot make safe fails here
         if session_options and session_factory is not None:
             raise TypeError(
                 "'session_options' does not apply to a 'session_factory' you built;"
@@ -195,6 +210,7 @@ class Database(Generic[SessionT]):
         # later cannot give an async engine to sync sessions.
         self._default_url: str | None = None
         self._engine_options: Mapping[str, Any] = dict(engine_options or {})
+        self._pgbouncer = pgbouncer
         self._session_options: Mapping[str, Any] = dict(session_options or {})
         self._engine = engine
         self._session_factory = session_factory
@@ -271,7 +287,9 @@ class Database(Generic[SessionT]):
                             " 'db.session' (load '.env' first), or give the Database its URL."
                         )
                     self._embedded = _config.is_embedded(url)
-                engine = _config.make_engine(url, self._engine_options, embedded=self._embedded)
+                engine = _config.make_engine(
+                    url, self._engine_options, embedded=self._embedded, pgbouncer=self._pgbouncer
+                )
                 self._owns_engine = True
                 self._engine = engine
             options = self._session_options
@@ -349,7 +367,10 @@ class Database(Generic[SessionT]):
             )
         session_class = registry.session_factory.class_
         assert issubclass(session_class, Session)
-        source = Source(url, engine_options or {}, session_options or {}, session_class)
+        engine_options = engine_options or {}
+        if self._pgbouncer:
+            engine_options = _config.pgbouncer_options(url, engine_options)
+        source = Source(url, engine_options, session_options or {}, session_class)
         self._sources.add(source)
         self._serves_apps = True
         return source
