@@ -60,9 +60,12 @@ def can_wait(session: Session, unit: Unit) -> bool:
     It cannot wait only if it holds its connections already (no pool to wait for), has
     nothing to flush, every statement it ran was a SELECT that took no row lock (no lock,
     deferred constraint, busy SQLite file or synchronous standby makes the COMMIT or
-    ROLLBACK of such a transaction wait), and nothing of the app's runs with it: no
-    after-commit callback, and no session listener of the app's on the commit (an outbox
-    listener may write, any may block).
+    ROLLBACK of such a transaction wait), none of them failed (a driver may follow the
+    ROLLBACK of a failed transaction with statements of its own: psycopg deallocates its
+    prepared statements, which behind a transaction-pooling PgBouncer waits for a server
+    connection), and nothing of the app's runs with it: no after-commit callback, and no
+    session listener of the app's on the commit (an outbox listener may write, any may
+    block).
     """
     if unit.callbacks or unit.ready:
         return True
@@ -80,7 +83,7 @@ def can_wait(session: Session, unit: Unit) -> bool:
     ):
         if any(fn not in _OURS for fn in listeners):
             return True
-    return _tracking.wrote(connections)
+    return _tracking.wrote(connections) or _tracking.failed(connections)
 
 
 # -- commit, rollback, close ----------------------------------------------------------------

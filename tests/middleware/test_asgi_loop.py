@@ -390,3 +390,30 @@ async def test_session_of_a_database_without_middleware_names_both_databases(
     assert repr(other) in message
     assert repr(served_db) in message
     assert "db=" in message
+
+
+@pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
+async def test_rollback_after_a_failed_statement_never_runs_on_the_loop(
+    make_db: DatabaseFactory,
+) -> None:
+    """A driver may follow the ROLLBACK of a failed transaction with statements of its own
+    (psycopg deallocates its prepared statements: behind PgBouncer that waits for a server
+    connection), so a unit whose statement failed ends off the loop, reads only or not."""
+    db: Database[Session] = make_db()
+    loop_thread = threading.get_ident()
+    rolled_back_on: list[int] = []
+    sa.event.listen(
+        db.session, "after_rollback", lambda session: rolled_back_on.append(threading.get_ident())
+    )
+
+    def endpoint(request: Request) -> Response:
+        db.session.execute(sa.select(Item.name)).all()
+        with contextlib.suppress(sa.exc.DBAPIError):
+            db.session.execute(sa.text("SELECT * FROM no_such_table"))
+        return PlainTextResponse("no such thing", status_code=404)
+
+    app = with_route(db, "/missing", endpoint)
+    assert (await call(app, "GET", "/missing")).status == 404
+    assert rolled_back_on, "the unit was rolled back"
+    assert loop_thread not in rolled_back_on, "the rollback ran on the event loop's thread"
+    assert nothing_left(db) == (0, 0, 0)
