@@ -231,13 +231,21 @@ def catches_a_failed_statement(statement: sa.Executable, then: str = "") -> Body
     """Store 'kept', run ``statement`` (it fails), catch the error, answer 201.
 
     ``then``: 'rollback' rolls back after catching and stores 'after'; 'savepoint' runs the
-    statement inside 'session.begin_nested()' and catches the error outside that block.
+    statement inside 'session.begin_nested()' and catches the error outside that block;
+    'raw-savepoint' does the same in SQL of its own.
     """
 
     async def body(db: Database[Any]) -> int:
         await insert(db, "kept")
         try:
-            if then != "savepoint":
+            if then == "raw-savepoint":
+                await resolve(db.session.execute(sa.text("SAVEPOINT raw_savepoint")))
+                try:
+                    await resolve(db.session.execute(statement))
+                finally:
+                    rollback = sa.text("ROLLBACK TO SAVEPOINT raw_savepoint")
+                    await resolve(db.session.execute(rollback))
+            elif then != "savepoint":
                 await resolve(db.session.execute(statement))
             elif db.is_async:
                 async with db.session.begin_nested():
@@ -291,6 +299,16 @@ async def test_error_confined_to_a_savepoint_lets_the_unit_commit(
     """A failure inside 'begin_nested()' was undone by its SAVEPOINT; the rest is kept."""
     db = make_db()
     outcome = await adapter.run(db, catches_a_failed_statement(DUPLICATE, "savepoint"))
+    assert (outcome, rows()) == (SUCCESS, ["kept"])
+
+
+@every_adapter
+async def test_error_confined_to_a_raw_savepoint_lets_the_unit_commit(
+    adapter: Adapter, make_db: DatabaseFactory, rows: Rows
+) -> None:
+    """A SAVEPOINT written as raw SQL confines a failure as 'begin_nested()' does."""
+    db = make_db()
+    outcome = await adapter.run(db, catches_a_failed_statement(DUPLICATE, "raw-savepoint"))
     assert (outcome, rows()) == (SUCCESS, ["kept"])
 
 
