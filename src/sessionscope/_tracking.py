@@ -16,6 +16,7 @@ its instructions (957k against 784k per ``db.begin()`` read on SQLite, in-proces
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,13 +34,18 @@ _WATCHED = "sessionscope.watched"
 class Record:
     """What one connection's current transaction did."""
 
-    __slots__ = ("depth", "failed_at", "wrote")
+    __slots__ = ("failed_at", "savepoints", "wrote")
 
     def __init__(self) -> None:
         self.wrote = False
-        # Savepoints open now, and how deep the first failed statement was (None: none failed).
-        self.depth = 0
+        # The savepoints open now, by name, and how deep the first failed statement was
+        # (None: none failed).
+        self.savepoints: list[str] = []
         self.failed_at: int | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.savepoints)
 
 
 def record_of(connection: Connection) -> Record:
@@ -59,6 +65,16 @@ def watch(engine: Engine | AsyncEngine) -> bool:
     sync_engine.__dict__[_WATCHED] = True
     event.listen(sync_engine.pool, "checkout", _checkout)
     dialect = sync_engine.dialect
+    dispatch = dialect.dispatch
+    if (
+        any(True for _ in dispatch.do_execute)
+        or any(True for _ in dispatch.do_executemany)
+        or any(True for _ in dispatch.do_execute_no_params)
+    ):
+        # A listener of the app's may execute a statement itself, and then the dialect's
+        # listeners after it never see it: this engine's statements are seen before them.
+        event.listen(sync_engine, "before_cursor_execute", _before_cursor_execute)
+        return True
     event.listen(dialect, "do_execute", _execute)
     event.listen(dialect, "do_execute_no_params", _execute_no_params)
     event.listen(dialect, "do_executemany", _execute)
@@ -101,6 +117,10 @@ def _execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
     return False
 
 
+def _before_cursor_execute(connection: Connection, cursor: Any, statement: str, *args: Any) -> None:
+    _seen(connection, statement)
+
+
 def _seen(connection: Connection, statement: str) -> None:
     try:
         info = connection.info
@@ -111,15 +131,42 @@ def _seen(connection: Connection, statement: str) -> None:
         record = info[KEY] = Record()
     if not record.wrote and not reads_only(statement):
         record.wrote = True
-    if record.wrote:
-        # Savepoints, as SQLAlchemy sends them ('begin_nested()') or as the app does.
-        head = statement.lstrip()[:24].upper()
-        if head.startswith("SAVEPOINT "):
-            _savepoint(record)
-        elif head.startswith("ROLLBACK TO "):
-            _rollback_savepoint(record)
-        elif head.startswith("RELEASE "):
-            _release_savepoint(record)
+    if record.wrote and statement.lstrip()[:1] in _SAVEPOINT_STARTS:
+        _savepoint_statement(record, statement)
+
+
+# Savepoints, as SQLAlchemy sends them ('begin_nested()') or as the app writes them. Read
+# by name: a ROLLBACK TO or RELEASE of a savepoint not seen opened forgives nothing.
+_SAVEPOINT_STARTS = frozenset("SsRr/-")
+_COMMENTS = re.compile(r"\s*(?:/\*.*?\*/|--[^\n]*(?:\n|$))", re.DOTALL)
+
+
+def _savepoint_statement(record: Record, statement: str) -> None:
+    position = 0
+    while match := _COMMENTS.match(statement, position):
+        if match.end() == position:
+            break
+        position = match.end()
+    words = statement[position:].split(None, 4)[:4]
+    keywords = [word.upper() for word in words]
+    if len(words) >= 2 and keywords[0] == "SAVEPOINT":
+        record.savepoints.append(_name(words[1]))
+        return
+    if keywords[:2] == ["ROLLBACK", "TO"]:
+        rest = words[3:] if keywords[2:3] == ["SAVEPOINT"] else words[2:3]
+        if rest:
+            _rollback_savepoint(record, _name(rest[0]))
+    elif keywords[:1] == ["RELEASE"]:
+        rest = words[2:3] if keywords[1:2] == ["SAVEPOINT"] else words[1:2]
+        if rest:
+            _release_savepoint(record, _name(rest[0]))
+
+
+def _name(word: str) -> str:
+    word = word.rstrip(";")
+    if word[:1] in '"`[':
+        return word.strip('"`[]')
+    return word.lower()  # an unquoted name is case-insensitive
 
 
 # Row locks: a transaction that took one gets a transaction id, and on PostgreSQL its COMMIT
@@ -159,17 +206,27 @@ def _error(context: ExceptionContext) -> None:
         record.failed_at = record.depth
 
 
-def _savepoint(record: Record) -> None:
-    record.depth += 1
+def _opened_at(record: Record, name: str) -> int | None:
+    """How deep the savepoint ``name`` was opened (1: outermost), or None if it was not."""
+    for index in range(len(record.savepoints) - 1, -1, -1):
+        if record.savepoints[index] == name:
+            return index + 1
+    return None
 
 
-def _rollback_savepoint(record: Record) -> None:
-    if record.failed_at is not None and record.failed_at >= record.depth:
+def _rollback_savepoint(record: Record, name: str) -> None:
+    depth = _opened_at(record, name)
+    if depth is None:
+        return
+    if record.failed_at is not None and record.failed_at >= depth:
         record.failed_at = None  # the failure was confined to this savepoint
-    record.depth = max(record.depth - 1, 0)
+    del record.savepoints[depth - 1 :]
 
 
-def _release_savepoint(record: Record) -> None:
-    record.depth = max(record.depth - 1, 0)
+def _release_savepoint(record: Record, name: str) -> None:
+    depth = _opened_at(record, name)
+    if depth is None:
+        return
+    del record.savepoints[depth - 1 :]
     if record.failed_at is not None and record.failed_at > record.depth:
         record.failed_at = record.depth  # released: the failure now belongs to the outer level
