@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -9,6 +10,7 @@ from flask import Flask
 from sessionscope import Database
 
 from .._models import Item
+from .._servers import fetch, wait_until, werkzeug_server
 
 
 def items_app(db: Database[Any], **options: Any) -> Flask:
@@ -22,3 +24,12 @@ def items_app(db: Database[Any], **options: Any) -> Flask:
         return name, 201
 
     return app
+
+
+def answers_as_stored(app: Flask, db: Database[Any], rows: Callable[[], list[str]]) -> None:
+    """POST /paid through a real server: a 2xx exactly when its row is stored (rule 19)."""
+    with werkzeug_server(app) as port:
+        status, _ = fetch(port, "POST", "/paid")
+        wait_until(lambda: db.live_units == 0)
+    stored_rows = rows()
+    assert (status < 400) == (stored_rows == ["paid"]), (status, stored_rows)
