@@ -89,3 +89,49 @@ async def test_a_rollback_to_a_later_savepoint_does_not_forgive_an_earlier_failu
 
     exchange = await call(with_route(db, "/failed", endpoint), "POST", "/failed")
     assert exchange.status == 500, "a unit with a failure outside any savepoint answered success"
+
+
+# Spelled as an app might write them; some are one server's own syntax.
+LOCKING_OR_WRITING = {
+    "postgresql": [
+        "SELECT id FROM items FOR\n    UPDATE",
+        "select id from items for share",
+        "SELECT id FROM items FOR NO  KEY UPDATE",
+        "SELECT name INTO TEMPORARY copied FROM items",
+    ],
+    "mariadb": [
+        "SELECT id FROM items FOR\n    UPDATE",
+        "SELECT id FROM items LOCK  IN\nSHARE MODE",
+        "SELECT name INTO @copied FROM items LIMIT 1",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "backend", backend_params(["postgresql", "mariadb"], ["sync"]), indirect=True
+)
+async def test_a_select_that_locks_or_writes_ends_off_the_loop(
+    backend: Backend, make_db: DatabaseFactory
+) -> None:
+    """A row lock (its COMMIT waits like a write's) or a SELECT ... INTO (a write), however
+    it is spelled: the unit's end must leave the event loop (rule 16)."""
+    db: Database[Session] = make_db()
+    ended_on: list[int] = []
+
+    def ended(connection: Any) -> None:
+        ended_on.append(threading.get_ident())
+
+    event.listen(db.sync_engine, "commit", ended)
+    event.listen(db.sync_engine, "rollback", ended)
+    loop_thread = threading.get_ident()
+    for statement in LOCKING_OR_WRITING[backend.name]:
+        ended_on.clear()
+
+        def endpoint(request: Request, statement: str = statement) -> Response:
+            db.session.execute(sa.text(statement))
+            return PlainTextResponse("read", status_code=200)
+
+        assert (await call(with_route(db, "/lock", endpoint), "GET", "/lock")).status == 200
+        assert ended_on, f"the unit ended its transaction: {statement!r}"
+        assert loop_thread not in ended_on, f"ended on the event loop: {statement!r}"
+    assert_no_leaks(db, backend)

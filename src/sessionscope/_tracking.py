@@ -171,11 +171,17 @@ def _name(word: str) -> str:
 
 # Row locks: a transaction that took one gets a transaction id, and on PostgreSQL its COMMIT
 # then waits for a synchronous standby like any write's.
-_LOCKS = ("FOR UPDATE", "FOR SHARE", "FOR NO KEY UPDATE", "FOR KEY SHARE", "LOCK IN SHARE MODE")
+# And a SELECT ... INTO writes: a new table (PostgreSQL), a file or variables (MySQL). Any
+# whitespace between the words; a word "into" in a string literal errs the safe way.
+_NOT_READS = re.compile(
+    r"\bFOR\s+(?:NO\s+KEY\s+UPDATE|KEY\s+SHARE|UPDATE|SHARE)\b"
+    r"|\bLOCK\s+IN\s+SHARE\s+MODE\b|\bINTO\b",
+    re.IGNORECASE,
+)
 
 
 def reads_only(statement: str) -> bool:
-    """Whether ``statement`` is a SELECT that takes no row lock.
+    """Whether ``statement`` is a SELECT that takes no row lock and writes nothing.
 
     Judged on the SQL sent, whatever built it: a data-modifying CTE starts with WITH, and
     counts as a write. A SELECT that calls a function with side effects is the one case
@@ -185,7 +191,9 @@ def reads_only(statement: str) -> bool:
     if head.upper() != "SELECT":
         return False
     upper = statement.upper()
-    return not any(lock in upper for lock in _LOCKS)
+    if "FOR" not in upper and "LOCK" not in upper and "INTO" not in upper:
+        return True  # most SELECTs: no need for the pattern's slower search
+    return _NOT_READS.search(statement) is None
 
 
 # On the Engine class, not on each engine: SQLAlchemy calls class-level handlers first, and
