@@ -8,12 +8,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from ._servers import wait_listening
 
 # Debian installs it outside the PATH of ordinary users.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
@@ -84,20 +85,13 @@ def pgbouncer(database: str) -> Iterator[int]:
                 stderr=log,
                 start_new_session=True,
             )
+
+        def why() -> str:
+            text = (directory / "pgbouncer.log").read_text(errors="replace")
+            return f"pgbouncer did not listen on port {port} (exit code {process.poll()}):\n{text}"
+
         try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        text = (directory / "pgbouncer.log").read_text(errors="replace")
-                        raise RuntimeError(
-                            f"pgbouncer did not listen on port {port}"
-                            f" (exit code {process.poll()}):\n{text}"
-                        ) from None
-                    time.sleep(0.05)
+            wait_listening(port, process, 15, why)
             yield port
         finally:
             with contextlib.suppress(ProcessLookupError):

@@ -21,6 +21,22 @@ from werkzeug.serving import make_server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], seconds: float, why: Callable[[], str]
+) -> None:
+    """Wait until ``process`` accepts connections on ``port``; raise with ``why()`` if it
+    exits or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(why()) from None
+            time.sleep(0.05)
+
+
 @contextmanager
 def werkzeug_server(app: WSGIApplication) -> Iterator[int]:
     """Serve ``app`` on a free loopback port with a thread per request; yield the port."""
@@ -55,19 +71,10 @@ def gunicorn_server(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    stderr = process.stderr
+    assert stderr is not None
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    assert process.stderr is not None
-                    raise RuntimeError(
-                        f"gunicorn did not start: {process.stderr.read()!r}"
-                    ) from None
-                time.sleep(0.1)
+        wait_listening(port, process, 20, lambda: f"gunicorn did not start: {stderr.read()!r}")
         yield port
     finally:
         # The whole process group: a worker stuck on the database outlives its master.

@@ -235,7 +235,7 @@ class Database(Generic[SessionT]):
     def names_database(self) -> bool:
         """Whether a URL, engine or session factory was given (else ``init_app`` takes each
         Flask app's database from its config, and other code gets ``DATABASE_URL``'s)."""
-        return not self._names_nothing()
+        return self._named
 
     def _setup(
         self, sync: bool = False
@@ -244,9 +244,11 @@ class Database(Generic[SessionT]):
             if self._registry is not None:
                 return self._registry
             factory: sessionmaker[Session] | async_sessionmaker[AsyncSession]
+            lazy = False
             if not self._named:
                 self._default_url = _config.default_url()
-            if not self._named and (sync or not _config.is_async_url(self._default_url or "")):
+                lazy = sync or not _config.is_async_url(self._default_url)
+            if lazy:
                 # Nothing names the database yet: the session class exists now (listeners may
                 # be registered on 'db.session' at import), the engine only once a unit needs
                 # it, and never if every unit connects to an app's own ('db.init_app').
@@ -264,9 +266,6 @@ class Database(Generic[SessionT]):
             units.is_async = isinstance(registry, async_scoped_session)
             self._registry = registry
             return registry
-
-    def _names_nothing(self) -> bool:
-        return not self._named
 
     def _build(
         self, session_class: type[Session] | None = None
@@ -349,7 +348,7 @@ class Database(Generic[SessionT]):
         without a URL, engine or session factory.
         """
         registry = self._setup(sync=True)
-        if not self._names_nothing():
+        if self._named:
             raise RuntimeError(
                 f"{self!r} already names its database, so it cannot take another one: create"
                 " it as 'Database()', without a URL, to take one per app."

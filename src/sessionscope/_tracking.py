@@ -123,12 +123,9 @@ def _before_cursor_execute(connection: Connection, cursor: Any, statement: str, 
 
 def _seen(connection: Connection, statement: str) -> None:
     try:
-        info = connection.info
+        record = record_of(connection)
     except NotImplementedError:
         return  # the dialect's first connect (it reads the server's version): no unit's
-    record: Record | None = info.get(KEY)
-    if record is None:
-        record = info[KEY] = Record()
     if not record.wrote and not reads_only(statement):
         record.wrote = True
     if record.wrote and statement.lstrip()[:1] in _SAVEPOINT_STARTS:
@@ -144,16 +141,14 @@ _COMMENTS = re.compile(r"\s*(?:/\*.*?\*/|--[^\n]*(?:\n|$))", re.DOTALL)
 def _savepoint_statement(record: Record, statement: str) -> None:
     position = 0
     while match := _COMMENTS.match(statement, position):
-        if match.end() == position:
-            break
-        position = match.end()
+        position = match.end()  # a comment is never empty: this always moves on
     words = statement[position:].split(None, 4)[:4]
     keywords = [word.upper() for word in words]
     if len(words) >= 2 and keywords[0] == "SAVEPOINT":
         record.savepoints.append(_name(words[1]))
         return
     if keywords[:2] == ["ROLLBACK", "TO"]:
-        rest = words[3:] if keywords[2:3] == ["SAVEPOINT"] else words[2:3]
+        rest = words[3:4] if keywords[2:3] == ["SAVEPOINT"] else words[2:3]
         if rest:
             _rollback_savepoint(record, _name(rest[0]))
     elif keywords[:1] == ["RELEASE"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Callable
 from typing import Any
 
@@ -33,3 +34,14 @@ def answers_as_stored(app: Flask, db: Database[Any], rows: Callable[[], list[str
         wait_until(lambda: db.live_units == 0)
     stored_rows = rows()
     assert (status < 400) == (stored_rows == ["paid"]), (status, stored_rows)
+
+
+def leave_stream(port: int, path: str = "/stream") -> None:
+    """A client that reads the first 70 kB of a streamed body, then goes away."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    assert response.status == 200
+    response.read(70_000)
+    response.close()
+    connection.close()

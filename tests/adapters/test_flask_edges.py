@@ -7,7 +7,6 @@ contexts, the per-app databases or the one-connection in-memory database could g
 from __future__ import annotations
 
 import gc
-import http.client
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from sessionscope import Database
 from .._models import Base, Child, Item
 from .._servers import fetch, wait_until, werkzeug_server
 from ..conftest import Backend, backend_params
-from ._apps import answers_as_stored, items_app
+from ._apps import answers_as_stored, items_app, leave_stream
 
 sync_backends = pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
 
@@ -549,13 +548,7 @@ def test_client_gone_mid_stream_with_context_rolls_back_the_stream_only(
         return Response(stream_with_context(body()))
 
     with werkzeug_server(app) as port:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("GET", "/stream")
-        response = connection.getresponse()
-        assert response.status == 200
-        response.read(70_000)
-        response.close()
-        connection.close()
+        leave_stream(port)
         wait_until(lambda: db.live_units == 0)
     assert rows() == ["before"]
 

@@ -23,7 +23,7 @@ from sessionscope import Database
 from .._models import Base, Item
 from .._servers import fetch, wait_until, werkzeug_server
 from ..conftest import Backend, assert_no_leaks, backend_params
-from ._apps import answers_as_stored, items_app
+from ._apps import answers_as_stored, items_app, leave_stream
 
 sync_backends = pytest.mark.parametrize("backend", backend_params(modes=["sync"]), indirect=True)
 
@@ -143,13 +143,7 @@ def test_request_context_inside_a_stream_never_commits_it_early(
         return Response(stream_with_context(body()) if wrap else body())
 
     with werkzeug_server(app) as port:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("GET", "/stream")
-        response = connection.getresponse()
-        assert response.status == 200
-        response.read(70_000)
-        response.close()
-        connection.close()
+        leave_stream(port)
         wait_until(lambda: db.live_units == 0)
     assert rows() == ["before"]
     assert_no_leaks(db, backend)

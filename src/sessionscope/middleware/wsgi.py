@@ -456,7 +456,7 @@ class _Response:
             self._through = self._held is None
 
     def close(self) -> None:
-        """Close the app's iterable, then remove the unit (rolled back if it is still open)."""
+        """Remove the unit (rolled back if it is still open), then close the app's iterable."""
         binding = self._units.binding
         token = binding.set(self._binding)
         try:
