@@ -31,8 +31,10 @@ class _Begin:
                 "This 'db.begin()' block was already entered; call 'db.begin()' again."
             )
         units = self._db.units
+        outer = units.binding.get()
+        parent = outer.unit if outer is not None else None
         # Nested in an app's unit, it connects where that unit does.
-        unit = self._unit = units.open(source=units.source())
+        unit = self._unit = units.open(source=units.source(), parent=parent)
         self._token = units.bind(Binding(unit, owner=self))
         return unit
 

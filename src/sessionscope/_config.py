@@ -227,6 +227,14 @@ def make_session_factory(
     engine: Engine | AsyncEngine, options: Mapping[str, Any]
 ) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
     """Build the session factory for ``engine`` and check ``options`` at once."""
+    if "bind" in options:
+        raise TypeError(
+            "'session_options' may not set 'bind': the sessions are bound to the Database's"
+            " engine. To join sessions to a connection of your own, pass"
+            " 'session_factory=sessionmaker(bind=connection,"
+            ' join_transaction_mode="create_savepoint")\' instead; for a test that rolls'
+            " back everything, use 'sessionscope.testing.isolated(db)'."
+        )
     merged = {**DEFAULT_SESSION_OPTIONS, **options}
     factory: sessionmaker[Session] | async_sessionmaker[AsyncSession]
     if isinstance(engine, AsyncEngine):

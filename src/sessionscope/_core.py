@@ -6,9 +6,10 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, overload
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_scoped_session,
@@ -298,10 +299,16 @@ class Database(Generic[SessionT]):
             self._session_factory = factory
         elif self._engine is None:
             bind = factory.kw.get("bind")
+            if isinstance(bind, Connection | AsyncConnection):
+                # Sessions that join a connection the caller manages (a test's outer
+                # transaction): the engine is that connection's.
+                bind = bind.engine
             if not isinstance(bind, Engine | AsyncEngine):
                 raise TypeError(
-                    "The 'session_factory' has no engine bound. Create it as"
-                    " 'sessionmaker(engine)' or 'async_sessionmaker(engine)'."
+                    f"The 'session_factory' is bound to {bind!r}, not to an engine or a"
+                    " connection, so sessionscope cannot tell which database its units use."
+                    " Create it as 'sessionmaker(engine)' or 'async_sessionmaker(engine)'"
+                    " (or bound to a Connection)."
                 )
             self._engine = bind
         assert self._engine is not None
@@ -330,9 +337,11 @@ class Database(Generic[SessionT]):
 
     def _new_session(self, unit: Unit) -> Session | AsyncSession:
         source = unit.source
-        if source is not None:
-            return source.factory()()
-        return self._own_factory()()
+        factory = source.factory() if source is not None else self._own_factory()
+        isolation = self.units.isolation
+        if isolation is not None:
+            return isolation.session(unit, factory)
+        return factory()
 
     def add_source(
         self,

@@ -339,7 +339,7 @@ def _refuse_after_the_unit(session: Session, transaction: object, connection: An
     # ended gets its connection only now: give it back at once rather than leave it to
     # the garbage collector.
     if session in _ended:
-        connection.close()
+        _give_back(session, connection)
         raise RuntimeError(_ENDED)
     unit = _units.get(session)
     if unit is None:
@@ -347,13 +347,20 @@ def _refuse_after_the_unit(session: Session, transaction: object, connection: An
     if unit.streaming:
         refusal = _streams.take(unit, connection.engine)
         if refusal is not None:
-            connection.close()
+            _give_back(session, connection)
             raise RuntimeError(refusal)
     if _tracking.watch(connection.engine):
         # Another engine of the session's binds, met for the first time: its transaction
         # began before it was watched.
         connection.info[_tracking.KEY] = _tracking.Record()
         _forks.protect(connection.engine)
+
+
+def _give_back(session: Session, connection: Any) -> None:
+    # A connection the session was given (a test's shared one, see _isolation) is not the
+    # session's to close: its transaction ends with the session's.
+    if connection is not session.bind:
+        connection.close()
 
 
 _OURS = (_refuse_aborted, _committed)

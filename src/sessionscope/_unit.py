@@ -32,14 +32,19 @@ class Unit:
         "commits",
         "holds",
         "key",
+        "parent",
         "ready",
         "rollback_only",
         "source",
         "streaming",
     )
 
-    def __init__(self, streaming: bool = False, source: Source | None = None) -> None:
+    def __init__(
+        self, streaming: bool = False, source: Source | None = None, parent: Unit | None = None
+    ) -> None:
         self.key = next(_tokens)
+        # The unit this one was opened in (a 'db.begin()' block inside a request), if any.
+        self.parent = parent
         # Where the unit's session connects: None for the database's own engine.
         self.source = source
         self.rollback_only = False

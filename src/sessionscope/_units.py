@@ -16,7 +16,7 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from . import _streams
+from ._isolation import Isolation
 from ._sessions import (
     can_wait,
     close_async_session,
@@ -63,16 +64,21 @@ class Units:
         self.sessions: dict[int, Any] = {}
         self.live: set[Unit] = set()
         self.is_async = False
+        # Set while 'sessionscope.testing.isolated()' runs: sessions join one connection.
+        self.isolation: Isolation | None = None
         _all_units.add(self)
 
     # -- opening, binding, finding ----------------------------------------------------------
 
-    def open(self, streaming: bool = False, source: Source | None = None) -> Unit:
+    def open(
+        self, streaming: bool = False, source: Source | None = None, parent: Unit | None = None
+    ) -> Unit:
         """A new unit of work (no session, no connection until ``db.session`` is used).
 
         :param source: where its session connects; None for the database's own engine.
+        :param parent: the live unit it was opened in, if any.
         """
-        unit = Unit(streaming, source)
+        unit = Unit(streaming, source, parent)
         self.live.add(unit)
         return unit
 
@@ -199,14 +205,27 @@ class Units:
         finally:
             if not keep:
                 self.remove(unit)
-        _run_callbacks(unit)
+        if unit.ready:
+            _run_callbacks(self._ready(unit))
         return error
 
     def remove(self, unit: Unit) -> None:
         """End ``unit`` and close its session (a transaction left open is rolled back)."""
         session = self._take(unit)
         if session is not None:
-            close_session(session)
+            try:
+                close_session(session)
+            finally:
+                if self.isolation is not None:
+                    self.isolation.give_back(unit)
+
+    def _ready(self, unit: Unit) -> Sequence[Callable[[], object]]:
+        """Take the unit's ready after-commit callbacks: those to run now."""
+        callbacks, unit.ready = unit.ready or (), None
+        isolation = self.isolation
+        if isolation is not None and callbacks:
+            return isolation.capture(callbacks)
+        return callbacks
 
     # -- ending a unit: from a coroutine (ASGI, 'async with db.begin()') ---------------------
 
@@ -239,14 +258,15 @@ class Units:
             if session is None or not session.in_transaction():
                 if not keep:
                     await self.remove_async(unit)
-                await _run_callbacks_async(unit)
+                if unit.ready:
+                    await _run_callbacks_async(self._ready(unit))
                 return None
             return await run_in_task(lambda cancel: self._end_here(unit, commit, keep, cancel))
         if session is None or not session.in_transaction():
             if not keep:
                 self.remove(unit)  # no transaction: closing is bookkeeping, nothing waits
             if unit.ready:
-                await run_in_thread(lambda cancel: _run_callbacks(unit))
+                await run_in_thread(lambda cancel: _run_callbacks(self._ready(unit)))
             return None
         if inline and not can_wait(session, unit):
             return self.end(unit, commit, keep=keep)
@@ -268,7 +288,8 @@ class Units:
         finally:
             if not keep:
                 await self.remove_async(unit)
-        await _run_callbacks_async(unit)
+        if unit.ready:
+            await _run_callbacks_async(self._ready(unit))
         return error
 
     async def remove_async(self, unit: Unit) -> None:
@@ -276,6 +297,13 @@ class Units:
         session = self._take(unit)
         if session is None:
             return
+        try:
+            await self._close_async(session)
+        finally:
+            if self.isolation is not None:
+                self.isolation.give_back(unit)
+
+    async def _close_async(self, session: Session | AsyncSession) -> None:
         if not session.in_transaction():
             # No transaction means no connection: closing only clears the identity map and
             # never awaits (nor waits), so it needs no task or thread of its own.
@@ -315,9 +343,8 @@ def _settle(
     return None
 
 
-def _run_callbacks(unit: Unit) -> None:
-    """Run the unit's ready after-commit callbacks in order; one that raises is logged only."""
-    callbacks, unit.ready = unit.ready or (), None
+def _run_callbacks(callbacks: Sequence[Callable[[], object]]) -> None:
+    """Run after-commit callbacks in order; one that raises is logged only."""
     for callback in callbacks:
         try:
             result = callback()
@@ -334,9 +361,8 @@ def _run_callbacks(unit: Unit) -> None:
             logger.error("After-commit callback %r raised", callback, exc_info=True)
 
 
-async def _run_callbacks_async(unit: Unit) -> None:
-    """Run the unit's ready callbacks in order, awaiting those that are coroutines."""
-    callbacks, unit.ready = unit.ready or (), None
+async def _run_callbacks_async(callbacks: Sequence[Callable[[], object]]) -> None:
+    """Run after-commit callbacks in order, awaiting those that are coroutines."""
     for callback in callbacks:
         try:
             result = callback()
