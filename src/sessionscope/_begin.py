@@ -1,29 +1,37 @@
-"""``db.begin()``: a unit of work outside any request."""
+"""``db.begin()`` and ``db.run()``: a unit of work outside any request."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from contextvars import Token
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from ._retry import backoff, check_retries, log_retry, retry_code
 from ._unit import Binding, Unit
 
 if TYPE_CHECKING:
     from ._core import Database
 
-__all__ = ["AsyncBegin", "SyncBegin"]
+__all__ = ["AsyncBegin", "SyncBegin", "run", "run_async"]
+
+T = TypeVar("T")
 
 
 class _Begin:
-    __slots__ = ("_db", "_token", "_unit")
+    __slots__ = ("_attempt", "_db", "_retries_left", "_token", "_unit")
 
-    def __init__(self, db: Database[Any]) -> None:
+    def __init__(self, db: Database[Any], attempt: int = 1, retries_left: bool = False) -> None:
         self._db = db
         self._unit: Unit | None = None
         self._token: Token[Binding | None] | None = None
+        self._attempt = attempt
+        self._retries_left = retries_left
 
     def _open(self) -> Unit:
         if self._unit is not None:
@@ -33,10 +41,25 @@ class _Begin:
         units = self._db.units
         outer = units.binding.get()
         parent = outer.unit if outer is not None else None
+        if parent is None and outer is not None and outer.renewable:
+            # A request that has not used 'db.session' yet: its unit opens now (no session,
+            # no connection), so that what happens in this block is known to it (a pool
+            # timeout, a commit that forbids running the request again).
+            parent = units.current()
         # Nested in an app's unit, it connects where that unit does.
         unit = self._unit = units.open(source=units.source(), parent=parent)
+        unit.attempt = self._attempt
+        unit.retries_left = self._retries_left
         self._token = units.bind(Binding(unit, owner=self))
         return unit
+
+    def may_run_again(self, error: BaseException) -> str | None:
+        """The driver's code if the unit failed with ``error`` for losing a race and nothing
+        of it was stored (nor of a unit nested in it), so that it may run again."""
+        unit = self._unit
+        if unit is None or unit.commits or unit.no_retry:
+            return None
+        return retry_code(error)
 
     def _close_binding(self) -> None:
         assert self._token is not None
@@ -123,3 +146,43 @@ class AsyncBegin(_Begin):
 
     def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - unreachable
         return None
+
+
+def run(db: Database[Any], fn: Callable[[Session], T], retries: int) -> T:
+    """``db.run()``: ``fn(session)`` in a unit of its own, run again if it loses a race."""
+    attempts = check_retries(retries) + 1
+    for attempt in range(1, attempts + 1):
+        begin = SyncBegin(db, attempt, retries_left=attempt < attempts)
+        try:
+            with begin as session:
+                return fn(session)
+        except Exception as error:
+            code = begin.may_run_again(error) if attempt < attempts else None
+            if code is None:
+                raise
+            log_retry(_name(fn), code, attempt, attempts)
+        time.sleep(backoff(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+
+
+async def run_async(
+    db: Database[Any], fn: Callable[[AsyncSession], Awaitable[T]], retries: int
+) -> T:
+    """``db.run_async()``: ``run`` for an async database."""
+    attempts = check_retries(retries) + 1
+    for attempt in range(1, attempts + 1):
+        begin = AsyncBegin(db, attempt, retries_left=attempt < attempts)
+        try:
+            async with begin as session:
+                return await fn(session)
+        except Exception as error:
+            code = begin.may_run_again(error) if attempt < attempts else None
+            if code is None:
+                raise
+            log_retry(_name(fn), code, attempt, attempts)
+        await anyio.sleep(backoff(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+
+
+def _name(fn: Callable[..., object]) -> str:
+    return repr(getattr(fn, "__qualname__", fn))

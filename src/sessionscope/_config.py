@@ -105,13 +105,22 @@ def _enable_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         cursor.close()
 
 
+def _use_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
+
+
 def make_engine(
     url: str | URL, options: Mapping[str, Any], *, embedded: bool, pgbouncer: bool = False
 ) -> Engine | AsyncEngine:
     """Create the engine for ``url``, passing ``options`` to SQLAlchemy unchanged.
 
-    The one default added: an SQLite file's pool keeps all of its 15 connections
-    (``SQLITE_POOL_OPTIONS``), unless ``options`` choose a pool size or class.
+    The defaults added: an SQLite file's pool keeps all of its 15 connections
+    (``SQLITE_POOL_OPTIONS``), unless ``options`` choose a pool size or class; an SQLite
+    file is put in WAL mode (the embedded default also gets ``synchronous=NORMAL``).
     """
     parsed = _parse(url)
     asynchronous = is_async_url(parsed)
@@ -143,9 +152,13 @@ def make_engine(
             " 'engine_options' is passed unchanged to SQLAlchemy's create_engine();"
             " check its documentation for the names it accepts."
         ) from exc
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     if embedded:
-        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         event.listen(sync_engine, "connect", _enable_wal)
+    elif _is_sqlite_file(parsed):
+        # Units run real transactions (see _sqlite): outside WAL mode a reader's transaction
+        # would hold off every writer's COMMIT until it ends.
+        event.listen(sync_engine, "connect", _use_wal)
     return engine
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, overload
 
 from sqlalchemy import Connection, Engine
@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from typing_extensions import TypeVar
 
-from . import _config, _forks, _tracking
+from . import _config, _exhaustion, _forks, _sqlite, _tracking
 from ._source import Source
+from ._sqlite import SqliteBegin
 from ._units import UnitRegistry, Units
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Database"]
 
 SessionT = TypeVar("SessionT", Session, AsyncSession, default=Any)  # type: ignore[misc]
+T = TypeVar("T")
 
 
 class _SessionProperty:
@@ -116,6 +118,14 @@ class Database(Generic[SessionT]):
     :param pgbouncer: the database is reached through PgBouncer in transaction pooling
         mode: the driver prepares no statement on the server (psycopg 3, asyncpg; psycopg2
         never does). Other drivers, and URLs that are not PostgreSQL, are refused.
+    :param sqlite_begin: how the transactions of an SQLite engine created here begin. Such
+        an engine runs real transactions (the driver's own handling, which commits DDL at
+        once and reads outside any transaction, is off) and sends ``BEGIN`` itself.
+        ``"auto"`` (the default): ``BEGIN IMMEDIATE`` for the units of requests whose
+        method is not GET, HEAD, OPTIONS or TRACE (they take the write lock at their first
+        statement, so a read that turns into a write cannot fail with "database is
+        locked"), ``BEGIN`` for every other unit; ``"deferred"``: always ``BEGIN``;
+        ``"immediate"``: always ``BEGIN IMMEDIATE``.
 
     The driver decides between ``Session`` and ``AsyncSession``: ``sqlite+aiosqlite``,
     ``postgresql+asyncpg`` or ``mysql+aiomysql`` give an ``AsyncSession``.
@@ -169,6 +179,7 @@ class Database(Generic[SessionT]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
         pgbouncer: bool = False,
+        sqlite_begin: SqliteBegin = "auto",
     ) -> None: ...
     def __init__(
         self,
@@ -179,6 +190,7 @@ class Database(Generic[SessionT]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
         pgbouncer: bool = False,
+        sqlite_begin: SqliteBegin = "auto",
     ) -> None:
         given = [name for name, value in (("url", url), ("engine", engine),
                  ("session_factory", session_factory)) if value is not None]  # fmt: skip
@@ -199,6 +211,12 @@ class Database(Generic[SessionT]):
             )
         if pgbouncer and url is not None:
             _config.pgbouncer_options(url, {})  # a URL it cannot make safe fails here
+        if sqlite_begin != "auto" and (engine or session_factory):
+            raise TypeError(
+                "'sqlite_begin' applies when sessionscope creates the engine from a URL;"
+                " an engine you pass keeps its own transaction handling."
+            )
+        self._sqlite_begin = _sqlite.check_mode(sqlite_begin, url)
         if session_options and session_factory is not None:
             raise TypeError(
                 "'session_options' does not apply to a 'session_factory' you built;"
@@ -287,11 +305,13 @@ class Database(Generic[SessionT]):
                             " 'db.session' (load '.env' first), or give the Database its URL."
                         )
                     self._embedded = _config.is_embedded(url)
+                    _sqlite.check_mode(self._sqlite_begin, url)  # the URL it was given for
                 engine = _config.make_engine(
                     url, self._engine_options, embedded=self._embedded, pgbouncer=self._pgbouncer
                 )
                 self._owns_engine = True
                 self._engine = engine
+                self._prepare(engine)
             options = self._session_options
             if session_class is not None:
                 options = {"class_": session_class, **options}
@@ -312,9 +332,17 @@ class Database(Generic[SessionT]):
                 )
             self._engine = bind
         assert self._engine is not None
-        _tracking.watch(self._engine)
-        _forks.protect(self._engine)
+        if not self._owns_engine:
+            self._prepare(self._engine, created=False)
         return factory
+
+    def _prepare(self, engine: Engine | AsyncEngine, created: bool = True) -> None:
+        """What every engine of this database gets; ``created``: one sessionscope made."""
+        _tracking.watch(engine)
+        _forks.protect(engine)
+        _exhaustion.watch(engine, self.units.note_pool_timeout)
+        if created and _sqlite.can_use_transactions(engine):
+            _sqlite.use_transactions(engine, self._sqlite_begin, self.units.writing)
 
     def _own_factory(self) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
         factory = self._session_factory
@@ -378,7 +406,8 @@ class Database(Generic[SessionT]):
         engine_options = engine_options or {}
         if self._pgbouncer:
             engine_options = _config.pgbouncer_options(url, engine_options)
-        source = Source(url, engine_options, session_options or {}, session_class)
+        _sqlite.check_mode(self._sqlite_begin, url)
+        source = Source(url, engine_options, session_options or {}, session_class, self._prepare)
         self._sources.add(source)
         self._serves_apps = True
         return source
@@ -474,7 +503,7 @@ class Database(Generic[SessionT]):
         ``DATABASE_URL``, with ``SQLALCHEMY_ENGINE_OPTIONS`` and ``SQLALCHEMY_SESSION_OPTIONS``.
 
         :param app: the ``flask.Flask`` application.
-        :param options: ``commit_on`` and ``on_commit_error``, as for
+        :param options: ``commit_on``, ``on_commit_error`` and ``retry_after``, as for
             ``WSGISessionMiddleware``.
 
         ```python
@@ -499,6 +528,59 @@ class Database(Generic[SessionT]):
             ) from exc
 
         init_app(self, app, **options)
+
+    def run(self, fn: Callable[[Session], T], *, retries: int = 0) -> T:
+        """Run ``fn(session)`` in a unit of work of its own and return what it returns.
+
+        The unit commits when ``fn`` returns and rolls back if it raises, as
+        ``with db.begin() as session:`` does; unlike a ``with`` block, it can be run again.
+        When the unit loses a race with a concurrent transaction (a serialization failure,
+        a deadlock, a lock wait timeout, a busy SQLite file: read from the driver's error
+        code) and nothing of it was stored, it is rolled back, its after-commit callbacks
+        are dropped, and ``fn`` runs again in a new unit after a short random wait, up to
+        ``retries`` more times; each retry is logged once at WARNING. Constraint
+        violations, disconnects, timeouts and other errors are raised at once, as is the
+        last attempt's error. A unit that committed something itself (``session.commit()``,
+        or a ``db.begin()`` nested in it) or called ``db.no_retry()`` is not run again.
+
+        For an async database use ``await db.run_async(fn)``.
+
+        ```python
+        def transfer(session: Session) -> None:
+            ...
+
+        db.run(transfer, retries=3)
+        ```
+        """
+        from ._begin import run
+
+        if self.is_async:
+            raise TypeError(
+                f"{self!r} uses an async driver: use 'await db.run_async(fn)', with 'fn' a"
+                " coroutine function."
+            )
+        return run(self, fn, retries)
+
+    async def run_async(self, fn: Callable[[AsyncSession], Awaitable[T]], *, retries: int = 0) -> T:
+        """``db.run()`` for an async database: ``await fn(session)`` in a unit of its own."""
+        from ._begin import run_async
+
+        if not self.is_async:
+            raise TypeError(f"{self!r} uses a synchronous driver: use 'db.run(fn)'.")
+        return await run_async(self, fn, retries)
+
+    @property
+    def attempt(self) -> int:
+        """Which run of the current unit's work this is: 1, then 2 on its first retry."""
+        return self.units.current().attempt
+
+    def no_retry(self) -> None:
+        """Never run the current unit's work again, even if it loses a race.
+
+        For work with effects outside the database (an e-mail sent, a payment API called)
+        that running again would repeat.
+        """
+        self.units.current().no_retry = True
 
     def _begin(self) -> SyncBegin | AsyncBegin:
         from ._begin import AsyncBegin, SyncBegin

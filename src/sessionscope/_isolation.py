@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import Pool
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
+from ._sqlite import sends_begin
 from ._unit import Unit
 
 __all__ = ["Isolation", "begin_outer", "begin_outer_async", "end_outer", "end_outer_async"]
@@ -205,7 +206,8 @@ def _nested_in(unit: Unit, holder: Unit) -> bool:
 # pysqlite and aiosqlite start no transaction until a statement that writes, and a SAVEPOINT
 # outside a transaction begins one of its own, which its RELEASE commits to the file. On the
 # shared connection the driver is told to keep out (isolation_level None) and the outer
-# transaction begins with an explicit BEGIN; the driver's setting is put back at the end.
+# transaction begins with an explicit BEGIN; the driver's setting is put back at the end. An
+# engine sessionscope created does both itself (see _sqlite).
 
 
 _SAVED = "sessionscope_isolation_level"
@@ -257,7 +259,7 @@ async def end_outer_async(connection: AsyncConnection) -> None:
 def _begin(connection: Connection) -> None:
     connection.info[_POOL] = connection.engine.pool
     connection.begin()
-    if connection.engine.dialect.name == "sqlite":
+    if connection.engine.dialect.name == "sqlite" and not sends_begin(connection.engine):
         dbapi_connection: Any = connection.connection.dbapi_connection
         connection.info[_SAVED] = dbapi_connection.isolation_level
         dbapi_connection.isolation_level = None

@@ -19,7 +19,8 @@ from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _forks, _streams, _tracking
+from . import _exhaustion, _forks, _streams, _tracking
+from ._retry import retry_code
 from ._unit import Cancel, Unit
 
 __all__ = [
@@ -104,7 +105,7 @@ def commit_session(session: Session, cancel: Cancel | None = None) -> BaseExcept
             session.flush()
     except Exception as exc:
         # The failed flush rolled the transaction back; the unit's close ends the session.
-        logger.error("Commit failed; the unit of work was rolled back.", exc_info=True)
+        _log_failed_commit(exc, _units.get(session))
         return exc
     if cancel is not None:
         if cancel.requested:
@@ -125,10 +126,19 @@ def commit_session(session: Session, cancel: Cancel | None = None) -> BaseExcept
             )
             _reset(session)
             return None
-        logger.error("Commit failed; the unit of work was rolled back.", exc_info=True)
+        _log_failed_commit(exc, unit)
         _reset_failed_connections(root, discard=isinstance(exc, InterfaceError))
         return exc
     return None
+
+
+def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
+    if _exhaustion.is_pool_timeout(error):
+        # Not a failure of the commit but a busy pool: the adapter answers 503 and says so.
+        return
+    if unit is not None and unit.retries_left and retry_code(error) is not None:
+        return  # run again, and logged once as such (see _retry)
+    logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
 
 
 def rollback_session(session: Session) -> None:
@@ -324,6 +334,11 @@ def _committed(session: Session) -> None:
     if unit is None or session.in_nested_transaction():
         return
     unit.commits += 1
+    outer = unit.parent
+    while outer is not None:
+        # Stored by a unit of its own: running the outer unit again would store it twice.
+        outer.no_retry = True
+        outer = outer.parent
     if unit.callbacks is None:
         return
     if unit.ready is None:

@@ -10,14 +10,14 @@ nothing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import _config, _forks, _tracking
+from . import _config
 
 __all__ = ["Source"]
 
@@ -34,6 +34,7 @@ class Source:
         "_engine",
         "_factory",
         "_lock",
+        "_prepare",
         "engine_options",
         "session_class",
         "session_options",
@@ -46,6 +47,7 @@ class Source:
         engine_options: Mapping[str, Any],
         session_options: Mapping[str, Any],
         session_class: type[Session],
+        prepare: Callable[[Engine], None],
     ) -> None:
         self.url = url
         self.engine_options = dict(engine_options)
@@ -54,6 +56,8 @@ class Source:
         self._engine: Engine | None = None
         self._factory: sessionmaker[Session] | None = None
         self._lock = threading.Lock()
+        # What the Database does to every engine it uses (tracking, forks, the pool).
+        self._prepare = prepare
 
     @property
     def engine(self) -> Engine:
@@ -70,8 +74,7 @@ class Source:
                 embedded = _config.is_embedded(self.url)
                 engine = _config.make_engine(self.url, self.engine_options, embedded=embedded)
                 assert isinstance(engine, Engine)  # 'add_source' refuses async URLs
-                _tracking.watch(engine)
-                _forks.protect(engine)
+                self._prepare(engine)
                 # A class of the app's own (SQLModel's Session, say) wins over ours.
                 options = {"class_": self.session_class, **self.session_options}
                 made = _config.make_session_factory(engine, options)

@@ -184,7 +184,10 @@ def reads_only(statement: str) -> bool:
     """
     head = statement.lstrip()[:6]
     if head.upper() != "SELECT":
-        return False
+        # The BEGIN that an SQLite engine of ours sends (see _sqlite) takes no lock. A BEGIN
+        # IMMEDIATE takes the write lock, and outside WAL mode its COMMIT then waits for
+        # the readers to go even if nothing was written: it counts as a write.
+        return statement == "BEGIN"
     upper = statement.upper()
     if "FOR" not in upper and "LOCK" not in upper and "INTO" not in upper:
         return True  # most SELECTs: no need for the pattern's slower search

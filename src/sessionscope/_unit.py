@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from ._source import Source
 
-__all__ = ["Binding", "Cancel", "Unit", "default_commit_on"]
+__all__ = ["SAFE_METHODS", "Binding", "Cancel", "Unit", "default_commit_on"]
 
 # Tokens are never reused: a key left behind by a failed cleanup can never be handed to a
 # later unit, unlike id() of a request, task or thread.
@@ -27,22 +27,33 @@ class Unit:
     """
 
     __slots__ = (
+        "attempt",
         "callbacks",
         "closed",
         "commits",
+        "exhausted",
         "holds",
         "key",
+        "no_retry",
         "parent",
         "ready",
+        "retries_left",
         "rollback_only",
         "source",
         "streaming",
+        "writes",
     )
 
     def __init__(
-        self, streaming: bool = False, source: Source | None = None, parent: Unit | None = None
+        self,
+        streaming: bool = False,
+        source: Source | None = None,
+        parent: Unit | None = None,
+        writes: bool = False,
     ) -> None:
         self.key = next(_tokens)
+        # Expected to write: a request whose method is not a safe one (see _sqlite).
+        self.writes = writes
         # The unit this one was opened in (a 'db.begin()' block inside a request), if any.
         self.parent = parent
         # Where the unit's session connects: None for the database's own engine.
@@ -55,6 +66,15 @@ class Unit:
         self.holds: list[Engine] | None = None
         # Commits of the unit's session the database acknowledged (counted by a listener).
         self.commits = 0
+        # A checkout from the pool timed out in the unit (see _exhaustion), even if the app
+        # caught the error: its 5xx is the server being busy.
+        self.exhausted = False
+        # Which run of its work this is (1: the first), whether runs remain should it lose a
+        # race (see _retry), and whether it must not be run again (it or a unit nested in it
+        # committed, or the app said so: 'db.no_retry()').
+        self.attempt = 1
+        self.retries_left = False
+        self.no_retry = False
         # After-commit callbacks: those waiting for a commit, and those whose commit
         # succeeded (ours, or one the app made itself), to run when the unit settles.
         self.callbacks: list[Callable[[], object]] | None = None
@@ -74,7 +94,7 @@ class Binding:
     request is over) without setting the ``ContextVar`` again in a context it does not own.
     """
 
-    __slots__ = ("owner", "renewable", "source", "streaming", "unit")
+    __slots__ = ("owner", "renewable", "source", "streaming", "unit", "writes")
 
     def __init__(
         self,
@@ -82,11 +102,14 @@ class Binding:
         owner: object,
         renewable: bool = False,
         source: Source | None = None,
+        writes: bool = False,
     ) -> None:
         self.unit = unit
         self.owner = owner
         # Where a unit opened through this binding connects (see Unit.source).
         self.source = source
+        # Whether a unit opened through this binding is expected to write (Unit.writes).
+        self.writes = writes
         # Set by the ASGI middleware while the response streams: a unit opened now does
         # stream work.
         self.streaming = False
@@ -127,6 +150,10 @@ class Cancel:
 
     def request(self) -> None:
         self._event.set()
+
+
+# RFC 9110's safe methods: a request with another one is expected to write.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 def default_commit_on(status: int) -> bool:

@@ -71,14 +71,19 @@ class Units:
     # -- opening, binding, finding ----------------------------------------------------------
 
     def open(
-        self, streaming: bool = False, source: Source | None = None, parent: Unit | None = None
+        self,
+        streaming: bool = False,
+        source: Source | None = None,
+        parent: Unit | None = None,
+        writes: bool = False,
     ) -> Unit:
         """A new unit of work (no session, no connection until ``db.session`` is used).
 
         :param source: where its session connects; None for the database's own engine.
         :param parent: the live unit it was opened in, if any.
+        :param writes: it is expected to write (a request with an unsafe method).
         """
-        unit = Unit(streaming, source, parent)
+        unit = Unit(streaming, source, parent, writes)
         self.live.add(unit)
         return unit
 
@@ -120,10 +125,27 @@ class Units:
         with self.lock:
             unit = binding.unit
             if unit is None and binding.renewable:
-                unit = binding.unit = self.open(binding.streaming, binding.source)
+                unit = binding.unit = self.open(
+                    binding.streaming, binding.source, writes=binding.writes
+                )
             if unit is None or unit.closed:
                 self.raise_no_unit(binding)
             return unit
+
+    def writing(self) -> bool:
+        """Whether the running code's unit is expected to write (``Unit.writes``)."""
+        binding = self.binding.get()
+        unit = binding.unit if binding is not None else None
+        return unit is not None and unit.writes
+
+    def note_pool_timeout(self) -> None:
+        """Record on the running code's unit, and the units it is nested in, that a checkout
+        from the pool timed out (see ``_exhaustion``)."""
+        binding = self.binding.get()
+        unit = binding.unit if binding is not None else None
+        while unit is not None:
+            unit.exhausted = True
+            unit = unit.parent
 
     def close_binding(self, binding: Binding) -> Unit | None:
         """Stop ``binding`` opening units, and take the unit it holds (opened or opening)."""

@@ -135,11 +135,13 @@ async def test_thread_opening_the_unit_while_the_request_ends_is_waited_for(
     open_unit = db.units.open
     in_thread = threading.local()
 
-    def slow_open_unit(streaming: bool = False, source: Any = None, parent: Any = None) -> Any:
+    def slow_open_unit(
+        streaming: bool = False, source: Any = None, parent: Any = None, writes: bool = False
+    ) -> Any:
         if getattr(in_thread, "slow", False):
             opening.set()
             threading.Event().wait(0.2)  # the loop reaches the end of the request meanwhile
-        return open_unit(streaming, source, parent)
+        return open_unit(streaming, source, parent, writes)
 
     db.units.open = slow_open_unit  # type: ignore[method-assign]
 

@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 from werkzeug.wsgi import ClosingIterator
 
 from .._config import default_url, is_async_url, is_sqlite_memory, safe_url
+from .._exhaustion import is_pool_timeout
 from .._unit import Binding, Unit, default_commit_on
 from ..middleware.wsgi import BODY_BUILT, WSGISessionMiddleware
 
@@ -61,6 +62,7 @@ def init_app(
     *,
     commit_on: Callable[[int], bool] = default_commit_on,
     on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
+    retry_after: int = 1,
 ) -> None:
     """Give ``app`` a unit of work per request and per app context; see ``Database.init_app``.
 
@@ -70,6 +72,8 @@ def init_app(
         (default: below 400).
     :param on_commit_error: maps a failed commit to the WSGI app producing the replacement
         response, for example a ``flask.Response``; default: a plain-text 500.
+    :param retry_after: the ``Retry-After`` seconds of the 503 a request gets when its unit
+        got no connection within the pool's timeout.
     """
     if not isinstance(app, Flask):
         raise TypeError(_not_flask(app))
@@ -82,9 +86,30 @@ def init_app(
     source = _source(db, app)
     units = _AppContextUnits(db, source)
     middleware = WSGISessionMiddleware(
-        app.wsgi_app, db, commit_on=commit_on, on_commit_error=on_commit_error, source=source
+        app.wsgi_app,
+        db,
+        commit_on=commit_on,
+        on_commit_error=on_commit_error,
+        source=source,
+        retry_after=retry_after,
     )
     app.wsgi_app = middleware  # type: ignore[method-assign]
+    # An error the app did not handle is logged by Flask with its traceback at ERROR, and
+    # answered 500; for a pool timeout in a unit the middleware answers 503 instead and
+    # logs one line, so Flask's log is left out. (An error handler for the timeout would
+    # outrank the app's own handlers for 'SQLAlchemyError' or 'Exception'.)
+    log_exception = app.log_exception
+    binding = db.units.binding
+
+    def log_unless_busy(exc_info: Any) -> None:
+        error = exc_info[1]
+        current = binding.get()
+        unit = current.unit if current is not None else None
+        if error is not None and unit is not None and unit.exhausted and is_pool_timeout(error):
+            return
+        log_exception(exc_info)
+
+    app.log_exception = log_unless_busy  # type: ignore[method-assign]
     # Weak: 'app.extensions' keeps 'units' as long as the app lives, and no longer (a
     # strong receiver kept every app of a test suite, and its engine, alive).
     appcontext_pushed.connect(units.pushed, sender=app, weak=True)
@@ -96,8 +121,6 @@ def init_app(
     # that raises rolls back. A 'stream_with_context' body keeps the contexts until it
     # ends: then the unit settles at its first chunk, and what it wrote at this teardown.
     teardown_request = app.do_teardown_request
-
-    binding = db.units.binding
 
     def in_a_unit() -> bool:
         # A request that never used the session has nothing to settle inside the contexts:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .. import _exhaustion
 from .._types import ASGIApp, Message, Receive, Scope, Send
-from .._unit import Binding, default_commit_on
+from .._unit import SAFE_METHODS, Binding, Unit, default_commit_on
 
 if TYPE_CHECKING:
     from .._core import Database
@@ -83,6 +84,11 @@ class SessionMiddleware:
         shutdown.
     :param commit_in_thread: for sync sessions, end every unit in a worker thread, even one
         that could end on the event loop (one that only read).
+    :param retry_after: the seconds a ``503 Service Unavailable`` asks the client to wait
+        (its ``Retry-After``). A request whose unit got no connection within the pool's
+        ``pool_timeout`` gets that 503 instead of its response, whether the error escaped
+        the app, the app turned it into a 5xx, or the commit met it (see "Pool
+        exhaustion" in the docs); logged once at WARNING.
     """
 
     # Marks its bindings as handled by a middleware, to catch one installed twice.
@@ -97,7 +103,9 @@ class SessionMiddleware:
         on_commit_error: Callable[[BaseException], ASGIApp | None] | None = None,
         dispose_on_shutdown: bool = True,
         commit_in_thread: bool = False,
+        retry_after: int = 1,
     ) -> None:
+        _exhaustion.check_retry_after(retry_after)
         if db is None:
             from .. import db as default_db
 
@@ -110,6 +118,11 @@ class SessionMiddleware:
         self.dispose_on_shutdown = dispose_on_shutdown
         self.commit_in_thread = commit_in_thread
         self.inline = not commit_in_thread
+        self.retry_after = retry_after
+        self._busy_headers = [
+            *((name.encode(), value.encode()) for name, value in _exhaustion.HEADERS),
+            (b"retry-after", str(retry_after).encode()),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,9 +143,14 @@ class SessionMiddleware:
         token = binding_var.set(binding)
         try:
             await self.app(scope, receive, exchange.send)
-        except BaseException:
+        except BaseException as error:
+            busy = exchange.state == _BEFORE and self._busy(error)
             await self._end_request(exchange, token, failed=True)
-            raise
+            if not busy:
+                raise
+            exchange.state = _DONE
+            await self._send_busy(scope, send)
+            return
         # From here on no unit opens through this binding. A thread may be opening one
         # right now, under the lock: then the slow end waits for it. (Checked, not taken,
         # in the common case: taking it cost ~0.3 us.)
@@ -186,6 +204,22 @@ class SessionMiddleware:
             " 'app.add_middleware(SessionMiddleware, db=db)' once; a Flask app served"
             " inside it needs no 'db.init_app' of its own)."
         )
+
+    @staticmethod
+    def _busy(error: BaseException) -> bool:
+        """Whether the app raised ``error`` because the pool had no connection for it."""
+        # Not a cancellation or an exit; and only the timeout itself (or an error raised
+        # from it): a bug met after the app recovered from one keeps its traceback.
+        return isinstance(error, Exception) and _exhaustion.is_pool_timeout(error)
+
+    def report_busy(self, scope: Scope) -> None:
+        _exhaustion.report(scope["method"], scope["path"], self.db.url, self.retry_after)
+
+    async def _send_busy(self, scope: Scope, send: Send) -> None:
+        """Answer 503 with Retry-After: the pool had no connection for this request."""
+        self.report_busy(scope)
+        await send({"type": "http.response.start", "status": 503, "headers": self._busy_headers})
+        await send({"type": "http.response.body", "body": _exhaustion.BODY})
 
     async def _send_failure(
         self, error: BaseException, scope: Scope, receive: Receive, send: Send
@@ -325,6 +359,7 @@ class _Exchange:
         binding.renewable = True
         binding.streaming = False
         binding.source = None
+        binding.writes = scope["method"] not in SAFE_METHODS
         binding.answered = False
         self.middleware = middleware
         self.scope = scope
@@ -370,6 +405,7 @@ class _Exchange:
         binding = self.binding
         binding.answered = True
         binding.streaming = False
+        binding.writes = False  # work after the response is not the request's write
 
     def _body(self, message: Message) -> Awaitable[None]:
         """A body message that is not the final one.
@@ -434,7 +470,16 @@ class _Exchange:
             self.state = _BEFORE
             raise
         if error is None:
+            if unit.exhausted and self.status >= 500 and not commit:
+                # The pool had no connection for it: a 503 of the app's own stands.
+                if self.status != 503:
+                    await self._replace_busy(unit)
+                    return
+                middleware.report_busy(self.scope)
             await self._server_send(start)
+            return
+        if _exhaustion.is_pool_timeout(error):
+            await self._replace_busy(unit)
             return
         # Our 500 replaces the app's response: the rest of it is dropped (_drop), and what
         # its body writes from here on, in a unit of its own, is rolled back.
@@ -442,6 +487,14 @@ class _Exchange:
         self.binding.unit = None
         await units.end_async(unit, commit=False, inline=middleware.inline)
         await middleware._send_failure(error, self.scope, self.receive, self._server_send)
+
+    async def _replace_busy(self, unit: Unit) -> None:
+        """Our 503 replaces the app's response, as our 500 does in ``_start``."""
+        middleware = self.middleware
+        self.state = _REPLACED
+        self.binding.unit = None
+        await middleware.units.end_async(unit, commit=False, inline=middleware.inline)
+        await middleware._send_busy(self.scope, self._server_send)
 
     async def _final(self, message: Message) -> None:
         """Commit what the stream wrote before its final message leaves."""

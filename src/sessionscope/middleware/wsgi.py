@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from .._unit import Binding, default_commit_on
+from .. import _exhaustion
+from .._unit import SAFE_METHODS, Binding, default_commit_on
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from .._core import Database
     from .._source import Source
 
-__all__ = ["WSGISessionMiddleware", "internal_server_error"]
+__all__ = ["WSGISessionMiddleware", "internal_server_error", "service_unavailable"]
 
 logger = logging.getLogger("sessionscope")
 
@@ -37,6 +38,21 @@ def internal_server_error(error: BaseException) -> WSGIApplication:
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "21")]
         start_response("500 Internal Server Error", headers)
         return [body]
+
+    return app
+
+
+def service_unavailable(retry_after: int) -> WSGIApplication:
+    """A plain-text 503 asking the client to come back in ``retry_after`` seconds.
+
+    What a request gets when its unit of work got no connection within the pool's timeout.
+    """
+    headers = [(name.title(), value) for name, value in _exhaustion.HEADERS]
+    headers.append(("Retry-After", str(retry_after)))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("503 Service Unavailable", list(headers))
+        return [_exhaustion.BODY]
 
     return app
 
@@ -67,6 +83,10 @@ class WSGISessionMiddleware:
         replacement response (a Werkzeug ``Response`` works); default: a plain-text 500.
     :param source: where the requests' sessions connect, from ``db.add_source()``
         (``db.init_app`` passes each app's own); default: the database's own engine.
+    :param retry_after: the seconds a ``503 Service Unavailable`` asks the client to wait
+        (its ``Retry-After``). A request whose unit got no connection within the pool's
+        ``pool_timeout`` gets that 503 instead of its response, whether the error escaped
+        the app, the app turned it into a 5xx, or the commit met it; logged once at WARNING.
 
     ```python
     app = WSGISessionMiddleware(app, db)
@@ -84,7 +104,9 @@ class WSGISessionMiddleware:
         commit_on: Callable[[int], bool] = default_commit_on,
         on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
         source: Source | None = None,
+        retry_after: int = 1,
     ) -> None:
+        self.retry_after = _exhaustion.check_retry_after(retry_after)
         if db is None:
             # Imported here: the package imports this module while it builds 'db'.
             from .. import db as default_db
@@ -95,6 +117,7 @@ class WSGISessionMiddleware:
         self.commit_on = commit_on
         self.on_commit_error = on_commit_error or internal_server_error
         self.source = source
+        self.service_unavailable = service_unavailable(retry_after)
 
     def settle_here(
         self,
@@ -142,12 +165,16 @@ class WSGISessionMiddleware:
         token = binding.set(response._binding)
         try:
             response._start(self.app)
-        except BaseException:
+        except BaseException as error:
+            busy = response._busy(error)
             try:
                 response._close()
             except Exception:
                 logger.warning("Closing the response of an app that raised failed", exc_info=True)
-            raise
+            if not busy:
+                raise
+            response._report_busy()
+            return self.service_unavailable(environ, start_response)
         finally:
             binding.reset(token)
         return response
@@ -178,6 +205,7 @@ class _Response:
         "_iterable",
         "_iterator",
         "_late_error",
+        "_middleware",
         "_on_commit_error",
         "_pending",
         "_replaced",
@@ -194,6 +222,7 @@ class _Response:
     def __init__(
         self, middleware: WSGISessionMiddleware, environ: WSGIEnvironment, start: StartResponse
     ) -> None:
+        self._middleware = middleware
         self._units = middleware.db.units
         self._commit_on = middleware.commit_on
         self._on_commit_error = middleware.on_commit_error
@@ -229,7 +258,13 @@ class _Response:
         # each time in the caller's own context and reset before returning: the app's code
         # (Flask's contexts kept for a test, a 'stream_with_context' body) runs where it
         # would run without us, and the server's thread keeps nothing of the request.
-        self._binding = _RequestBinding(None, middleware, renewable=True, source=middleware.source)
+        self._binding = _RequestBinding(
+            None,
+            middleware,
+            renewable=True,
+            source=middleware.source,
+            writes=environ.get("REQUEST_METHOD", "GET") not in SAFE_METHODS,
+        )
         self._binding.response = self
 
     def _start(self, app: WSGIApplication) -> None:
@@ -294,10 +329,20 @@ class _Response:
         self._settled = True
         unit = self._binding.unit
         error = None
+        busy = False
         if unit is not None:
             commit = self._commits()
             error = self._units.end(unit, commit, keep=True)
             self._committed = commit and error is None
+            if error is not None:
+                busy = _exhaustion.is_pool_timeout(error)
+            else:
+                busy = unit.exhausted and not commit and (self._code or 500) >= 500
+        if busy:
+            self._report_busy()
+            if error is not None or self._code != 503:
+                self._replace_with(self._middleware.service_unavailable)
+                return
         if error is not None:
             self._replace(error)
         elif self._status is not None:
@@ -334,6 +379,29 @@ class _Response:
         if unit is not None and not unit.closed:
             self._late_error = self._units.end(unit, self._commits(), keep=True)
         return self._committed
+
+    def _busy(self, error: BaseException) -> bool:
+        """Whether the app raised ``error``, before its status left, for want of a connection."""
+        # Only the timeout itself (or an error raised from it): a bug met after the app
+        # recovered from one keeps its traceback.
+        return (
+            not self._settled
+            and isinstance(error, Exception)
+            and _exhaustion.is_pool_timeout(error)
+        )
+
+    def _report_busy(self) -> None:
+        environ = self._environ
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
+        middleware = self._middleware
+        _exhaustion.report(method, path, middleware.db.url, middleware.retry_after)
+
+    def _replace_with(self, app: WSGIApplication) -> None:
+        """Send ``app``'s response instead of the app's: the server has seen no status yet."""
+        self._remove()
+        self._replaced = self._through = True
+        self._replacement = app(self._environ, self._server_start)
+        self._iterator = iter(self._replacement)
 
     def _replace(self, error: BaseException) -> None:
         self._remove()
@@ -375,9 +443,15 @@ class _Response:
             if held is not None:
                 return held
             raise
-        except BaseException:
+        except BaseException as error:
+            busy = self._busy(error)
             self._remove()
-            raise
+            if not busy:
+                raise
+            # A generator body that needed a connection before its status left.
+            self._report_busy()
+            self._replace_with(self._middleware.service_unavailable)
+            return next(self._iterator)
         if not self._settled:
             if self._status is None:
                 # A chunk before 'start_response' (PEP 3333 allows empty ones) decides nothing.

@@ -1,0 +1,91 @@
+"""Retrying a unit of work that lost a race with a concurrent transaction.
+
+A serialization failure or a deadlock is not a bug of the unit: the database chose it as
+the one to give up so that another could go on, and the same work run again usually
+succeeds. Which errors those are is read from the driver's error code, never from the
+exception's class (asyncpg's arrive as a plain ``DBAPIError``; a MariaDB deadlock and a
+duplicate key are both an ``OperationalError`` or ``IntegrityError`` by driver whim).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from sqlalchemy.exc import DBAPIError
+
+__all__ = ["backoff", "check_retries", "log_retry", "retry_code"]
+
+logger = logging.getLogger("sessionscope")
+
+# PostgreSQL: serialization failure, deadlock detected.
+_SQLSTATES = frozenset({"40001", "40P01"})
+# MySQL and MariaDB: deadlock, lock wait timeout, record changed since the snapshot
+# (MariaDB 11.6's snapshot isolation).
+_MYSQL_CODES = frozenset({1213, 1205, 1020})
+# SQLite primary result codes: busy (extended: busy snapshot 517, busy recovery 261...) and
+# locked. The extended code's low byte is the primary one.
+_SQLITE_CODES = frozenset({5, 6})
+
+# Full jitter (a random wait between 0 and the bound), the bound doubling per attempt.
+_FIRST_BOUND = 0.05
+_LAST_BOUND = 1.0
+
+
+def retry_code(error: BaseException) -> str | None:
+    """The driver's code if ``error`` (or what it was raised from) lost a race that running
+    the unit again may win, for the log; else None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError):
+            if current.connection_invalidated:
+                return None  # a disconnect: during a COMMIT its outcome is unknown
+            return _code_of(current.orig)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _code_of(orig: BaseException | None) -> str | None:
+    if orig is None:
+        return None
+    args = getattr(orig, "args", ())
+    if args and type(args[0]) is int:
+        # pymysql, aiomysql and mysqlclient put the server's error number first (pymysql
+        # also gives a SQLSTATE, HY000 for most: the number is what tells).
+        return f"MySQL {args[0]}" if args[0] in _MYSQL_CODES else None
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):
+        return f"SQLSTATE {sqlstate}" if sqlstate in _SQLSTATES else None
+    sqlite_code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(sqlite_code, int):
+        return f"SQLite {sqlite_code}" if sqlite_code & 0xFF in _SQLITE_CODES else None
+    return None
+
+
+def check_retries(retries: object) -> int:
+    """``retries`` if it is a whole number (0 or more), else a ValueError that says so."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(
+            f"'retries' must be a whole number (0 or more) of times to run the work again,"
+            f" not {retries!r}."
+        )
+    return retries
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: full jitter, bounded."""
+    bound = min(_LAST_BOUND, _FIRST_BOUND * 2 ** (attempt - 1))
+    return random.uniform(0, bound)
+
+
+def log_retry(what: str, code: str, attempt: int, attempts: int) -> None:
+    logger.warning(
+        "%s lost a race with a concurrent transaction (%s) on attempt %d of %d;"
+        " rolled back, running it again.",
+        what,
+        code,
+        attempt,
+        attempts,
+    )
