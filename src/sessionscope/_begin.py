@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import Token
@@ -26,7 +27,9 @@ T = TypeVar("T")
 class _Begin:
     __slots__ = ("_attempt", "_db", "_retries_left", "_token", "_unit")
 
-    def __init__(self, db: Database[Any], attempt: int = 1, retries_left: bool = False) -> None:
+    def __init__(
+        self, db: Database[Any], attempt: int | None = None, retries_left: bool = False
+    ) -> None:
         self._db = db
         self._unit: Unit | None = None
         self._token: Token[Binding | None] | None = None
@@ -48,7 +51,8 @@ class _Begin:
             parent = units.current()
         # Nested in an app's unit, it connects where that unit does.
         unit = self._unit = units.open(source=units.source(), parent=parent)
-        unit.attempt = self._attempt
+        # A plain 'db.begin()' is part of the attempt of the unit it is nested in.
+        unit.attempt = self._attempt or (parent.attempt if parent is not None else 1)
         unit.retries_left = self._retries_left
         self._token = units.bind(Binding(unit, owner=self))
         return unit
@@ -155,7 +159,10 @@ def run(db: Database[Any], fn: Callable[[Session], T], retries: int) -> T:
         begin = SyncBegin(db, attempt, retries_left=attempt < attempts)
         try:
             with begin as session:
-                return fn(session)
+                result = fn(session)
+                if inspect.isawaitable(result):
+                    _refuse_awaitable(result)
+                return result
         except Exception as error:
             code = begin.may_run_again(error) if attempt < attempts else None
             if code is None:
@@ -182,6 +189,15 @@ async def run_async(
             log_retry(_name(fn), code, attempt, attempts)
         await anyio.sleep(backoff(attempt))
     raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+
+
+def _refuse_awaitable(result: object) -> None:
+    if inspect.iscoroutine(result):
+        result.close()  # never to be awaited: no "never awaited" warning later
+    raise TypeError(
+        "'db.run(fn)' got an awaitable from 'fn': the unit would end before it runs. Give a"
+        " plain function, or use 'await db.run_async(fn)' with an async database."
+    )
 
 
 def _name(fn: Callable[..., object]) -> str:

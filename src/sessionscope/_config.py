@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 __all__ = ["DEFAULT_FILENAME", "default_url", "make_engine", "make_session_factory", "safe_url"]
+
+logger = logging.getLogger("sessionscope")
 
 DEFAULT_FILENAME = "sessionscope.sqlite3"
 
@@ -106,9 +109,17 @@ def _enable_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
 
 
 def _use_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # Best effort: a read-only file, or one another process holds locked in rollback-journal
+    # mode, stays in its mode rather than refuse the connection.
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
+    except Exception as exc:
+        logger.warning(
+            "Could not put the SQLite file in WAL mode (%s); it stays in its journal mode, in"
+            " which a reader's transaction holds off writers' commits until it ends.",
+            exc,
+        )
     finally:
         cursor.close()
 

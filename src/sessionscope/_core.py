@@ -119,11 +119,11 @@ class Database(Generic[SessionT]):
         mode: the driver prepares no statement on the server (psycopg 3, asyncpg; psycopg2
         never does). Other drivers, and URLs that are not PostgreSQL, are refused.
     :param sqlite_begin: how the transactions of an SQLite engine created here begin. Such
-        an engine runs real transactions (the driver's own handling, which commits DDL at
-        once and reads outside any transaction, is off) and sends ``BEGIN`` itself.
-        ``"auto"`` (the default): ``BEGIN IMMEDIATE`` for the units of requests whose
-        method is not GET, HEAD, OPTIONS or TRACE (they take the write lock at their first
-        statement, so a read that turns into a write cannot fail with "database is
+        an engine runs real transactions (sessionscope sends ``BEGIN`` itself; the driver
+        would commit DDL at once and read outside any transaction), and a file is put in
+        WAL mode. ``"auto"`` (the default): ``BEGIN IMMEDIATE`` for the units of requests
+        whose method is not GET, HEAD, OPTIONS or TRACE (they take the write lock at their
+        first statement, so a read that turns into a write cannot fail with "database is
         locked"), ``BEGIN`` for every other unit; ``"deferred"``: always ``BEGIN``;
         ``"immediate"``: always ``BEGIN IMMEDIATE``.
 
@@ -342,7 +342,9 @@ class Database(Generic[SessionT]):
         _forks.protect(engine)
         _exhaustion.watch(engine, self.units.note_pool_timeout)
         if created and _sqlite.can_use_transactions(engine):
-            _sqlite.use_transactions(engine, self._sqlite_begin, self.units.writing)
+            _sqlite.use_transactions(
+                engine, self._sqlite_begin, self.units.writing, self.units.outer_locker
+            )
 
     def _own_factory(self) -> sessionmaker[Session] | async_sessionmaker[AsyncSession]:
         factory = self._session_factory
@@ -529,7 +531,7 @@ class Database(Generic[SessionT]):
 
         init_app(self, app, **options)
 
-    def run(self, fn: Callable[[Session], T], *, retries: int = 0) -> T:
+    def run(self: Database[Session], fn: Callable[[Session], T], *, retries: int = 0) -> T:
         """Run ``fn(session)`` in a unit of work of its own and return what it returns.
 
         The unit commits when ``fn`` returns and rolls back if it raises, as
@@ -561,7 +563,12 @@ class Database(Generic[SessionT]):
             )
         return run(self, fn, retries)
 
-    async def run_async(self, fn: Callable[[AsyncSession], Awaitable[T]], *, retries: int = 0) -> T:
+    async def run_async(
+        self: Database[AsyncSession],
+        fn: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        retries: int = 0,
+    ) -> T:
         """``db.run()`` for an async database: ``await fn(session)`` in a unit of its own."""
         from ._begin import run_async
 
@@ -580,7 +587,10 @@ class Database(Generic[SessionT]):
         For work with effects outside the database (an e-mail sent, a payment API called)
         that running again would repeat.
         """
-        self.units.current().no_retry = True
+        unit: Unit | None = self.units.current()
+        while unit is not None:  # a unit nested in the one that would run again
+            unit.no_retry = True
+            unit = unit.parent
 
     def _begin(self) -> SyncBegin | AsyncBegin:
         from ._begin import AsyncBegin, SyncBegin

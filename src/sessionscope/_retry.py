@@ -36,14 +36,28 @@ def retry_code(error: BaseException) -> str | None:
     """The driver's code if ``error`` (or what it was raised from) lost a race that running
     the unit again may win, for the log; else None."""
     seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
         seen.add(id(current))
-        if isinstance(current, DBAPIError):
-            if current.connection_invalidated:
-                return None  # a disconnect: during a COMMIT its outcome is unknown
-            return _code_of(current.orig)
-        current = current.__cause__ or current.__context__
+        if not isinstance(current, DBAPIError):
+            # Raised from a lost race ('raise ... from'); an error merely met while handling
+            # one (a bug in the app's fallback) is not run again.
+            pending.append(current.__cause__)
+            continue
+        if current.connection_invalidated:
+            return None  # a disconnect: during a COMMIT its outcome is unknown
+        code = _code_of(current.orig)
+        if code is not None:
+            return code
+        # A database error met while cleaning up after a lost race: MariaDB rolls a whole
+        # transaction back on a deadlock, so the ROLLBACK TO SAVEPOINT that follows fails,
+        # and its driver error was raised while the deadlock was being handled.
+        for failed in (current, current.orig):
+            if failed is not None and not failed.__suppress_context__:
+                pending.append(failed.__context__)
     return None
 
 
@@ -76,7 +90,7 @@ def check_retries(retries: object) -> int:
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before attempt ``attempt + 1``: full jitter, bounded."""
-    bound = min(_LAST_BOUND, _FIRST_BOUND * 2 ** (attempt - 1))
+    bound = min(_LAST_BOUND, _FIRST_BOUND * 2 ** min(attempt - 1, 16))
     return random.uniform(0, bound)
 
 

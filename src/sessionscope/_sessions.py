@@ -136,7 +136,12 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
     if _exhaustion.is_pool_timeout(error):
         # Not a failure of the commit but a busy pool: the adapter answers 503 and says so.
         return
-    if unit is not None and unit.retries_left and retry_code(error) is not None:
+    if (
+        unit is not None
+        and unit.retries_left
+        and not (unit.no_retry or unit.commits)
+        and retry_code(error) is not None
+    ):
         return  # run again, and logged once as such (see _retry)
     logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
 

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 
 __all__ = ["KEY", "Record", "failed", "record_of", "watch", "wrote"]
 
@@ -48,7 +49,7 @@ class Record:
         return len(self.savepoints)
 
 
-def record_of(connection: Connection) -> Record:
+def record_of(connection: Connection | PoolProxiedConnection) -> Record:
     """The record of ``connection``'s current transaction (a fresh one if it has none)."""
     info = connection.info
     record: Record | None = info.get(KEY)
@@ -184,10 +185,7 @@ def reads_only(statement: str) -> bool:
     """
     head = statement.lstrip()[:6]
     if head.upper() != "SELECT":
-        # The BEGIN that an SQLite engine of ours sends (see _sqlite) takes no lock. A BEGIN
-        # IMMEDIATE takes the write lock, and outside WAL mode its COMMIT then waits for
-        # the readers to go even if nothing was written: it counts as a write.
-        return statement == "BEGIN"
+        return False
     upper = statement.upper()
     if "FOR" not in upper and "LOCK" not in upper and "INTO" not in upper:
         return True  # most SELECTs: no need for the pattern's slower search

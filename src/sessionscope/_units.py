@@ -138,6 +138,29 @@ class Units:
         unit = binding.unit if binding is not None else None
         return unit is not None and unit.writes
 
+    def outer_locker(self, every_unit_locks: bool) -> Unit | None:
+        """The live unit the running code's unit is nested in whose transaction holds an
+        SQLite write lock: one expected to write (``Unit.writes``), or any if
+        ``every_unit_locks``; None if there is none (see _sqlite)."""
+        binding = self.binding.get()
+        unit = binding.unit if binding is not None else None
+        outer = unit.parent if unit is not None else None
+        while outer is not None:
+            if (every_unit_locks or outer.writes) and self._connected(outer):
+                return outer
+            outer = outer.parent
+        return None
+
+    def _connected(self, unit: Unit) -> bool:
+        # A transaction holding a connection: one that only add()ed has none yet.
+        session = self.sessions.get(unit.key)
+        if session is None:
+            return False
+        if isinstance(session, AsyncSession):
+            session = session.sync_session
+        root = session.get_transaction()
+        return root is not None and bool(root.connections)
+
     def note_pool_timeout(self) -> None:
         """Record on the running code's unit, and the units it is nested in, that a checkout
         from the pool timed out (see ``_exhaustion``)."""
