@@ -26,7 +26,6 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
-import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from flask import Flask
 from flask import request as flask_request
@@ -45,6 +44,7 @@ from sessionscope import Database, SessionMiddleware
 from sessionscope.adapters.starlette import session_dependency
 from sessionscope.middleware.wsgi import WSGISessionMiddleware
 
+from ._exhaustion import BODY, SELECT_1, nothing_left
 from ._models import Item
 from ._servers import wait_until as wait_until_blocking
 from ._servers import werkzeug_server
@@ -56,8 +56,6 @@ TINY_POOL = {"pool_size": 1, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT}
 # How much longer than the pool's timeout a told-to-retry answer may take on a loaded machine.
 MARGIN = 2.0
 BURST = 4
-SELECT_1 = sa.text("SELECT 1")
-BODY = b"Service Unavailable"
 
 SYNC_ONLY = backend_params(modes=["sync"])
 SQLITE_SYNC = backend_params(["sqlite"], modes=["sync"])
@@ -68,6 +66,7 @@ FALLBACKS = ["fallback", "handler-fallback"]
 
 Rows = Callable[[], list[str]]
 Requests = list[tuple[str, str]]
+Endpoint = Callable[[Request], Any]
 
 
 # -- what every scenario shares ----------------------------------------------------------------
@@ -116,17 +115,18 @@ def burst_requests(case: str) -> Requests:
     return [("GET", f"/{route}/burst-{i}") for i in range(BURST)]
 
 
-def nothing_left(db: Database[Any]) -> tuple[int, int, int]:
-    pool = db.sync_engine.pool
-    return db.live_units, db.live_sessions, pool.checkedout()  # type: ignore[attr-defined]
-
-
 def idle(db: Database[Any]) -> Callable[[], bool]:
     return lambda: nothing_left(db) == (0, 0, 0)
 
 
 def make_tiny_db(make_db: DatabaseFactory) -> Database[Any]:
+    """A database on a pool of one connection that waits ``POOL_TIMEOUT`` for it."""
     return make_db(engine_options=dict(TINY_POOL))
+
+
+def scenario(make_db: DatabaseFactory, case: str) -> tuple[Database[Any], Gate, Requests]:
+    """What a test of ``case`` starts from: a tiny pool's database, a gate, the burst."""
+    return make_tiny_db(make_db), Gate(), burst_requests(case)
 
 
 def assert_told_to_retry(answer: Answer, retry_after: int) -> None:
@@ -205,6 +205,19 @@ async def database_fallback(request: Request, exc: Exception) -> Response:
     return PlainTextResponse("fallback")
 
 
+def burst_routes(
+    hold: Endpoint, read: Endpoint, caught: Endpoint, fallback: Endpoint, add: Endpoint
+) -> list[Route]:
+    """The paths of the slow request and of every kind of burst, on their endpoints."""
+    return [
+        Route("/hold", hold),
+        Route("/read/{name}", read),
+        Route("/caught/{name}", caught),
+        Route("/fallback/{name}", fallback),
+        Route("/add/{name}", add, methods=["POST"]),
+    ]
+
+
 def sync_routes(db: Database[Any], gate: Gate) -> list[Route]:
     """``def`` endpoints (run in Starlette's thread pool) on a sync session."""
 
@@ -240,13 +253,7 @@ def sync_routes(db: Database[Any], gate: Gate) -> list[Route]:
         db.session.add(Item(name=request.path_params["name"]))
         return PlainTextResponse("added", status_code=201)
 
-    return [
-        Route("/hold", hold),
-        Route("/read/{name}", read),
-        Route("/caught/{name}", caught),
-        Route("/fallback/{name}", fallback),
-        Route("/add/{name}", add, methods=["POST"]),
-    ]
+    return burst_routes(hold, read, caught, fallback, add)
 
 
 def async_routes(db: Database[Any], gate: Gate) -> list[Route]:
@@ -284,13 +291,7 @@ def async_routes(db: Database[Any], gate: Gate) -> list[Route]:
         db.session.add(Item(name=request.path_params["name"]))
         return PlainTextResponse("added", status_code=201)
 
-    return [
-        Route("/hold", hold),
-        Route("/read/{name}", read),
-        Route("/caught/{name}", caught),
-        Route("/fallback/{name}", fallback),
-        Route("/add/{name}", add, methods=["POST"]),
-    ]
+    return burst_routes(hold, read, caught, fallback, add)
 
 
 def starlette_app(db: Database[Any], gate: Gate, case: str, **options: Any) -> Starlette:
@@ -436,9 +437,7 @@ async def test_starlette_answers_503_when_the_pool_is_exhausted(
     make_db: DatabaseFactory, rows: Rows, logs: pytest.LogCaptureFixture, case: str
 ) -> None:
     """A busy pool tells Starlette clients to come back instead of failing them with a 500."""
-    db = make_tiny_db(make_db)
-    gate = Gate()
-    requests = burst_requests(case)
+    db, gate, requests = scenario(make_db, case)
     outcome = await exhaust_asgi(starlette_app(db, gate, case), db, gate, requests)
     check(outcome, case, requests, logs, rows)
 
@@ -449,9 +448,7 @@ async def test_fastapi_answers_503_when_the_pool_is_exhausted(
     make_db: DatabaseFactory, rows: Rows, logs: pytest.LogCaptureFixture, case: str
 ) -> None:
     """FastAPI endpoints with an injected session get the same 503 as Starlette ones."""
-    db = make_tiny_db(make_db)
-    gate = Gate()
-    requests = burst_requests(case)
+    db, gate, requests = scenario(make_db, case)
     outcome = await exhaust_asgi(fastapi_app(db, gate, case), db, gate, requests)
     check(outcome, case, requests, logs, rows)
 
@@ -462,9 +459,7 @@ async def test_asgi_retry_after_is_the_configured_value(
     make_db: DatabaseFactory, rows: Rows, logs: pytest.LogCaptureFixture
 ) -> None:
     """'retry_after' is what clients and load balancers are told to wait, so it must arrive."""
-    db = make_tiny_db(make_db)
-    gate = Gate()
-    requests = burst_requests("unhandled")
+    db, gate, requests = scenario(make_db, "unhandled")
     app = starlette_app(db, gate, "unhandled", retry_after=7)
     outcome = await exhaust_asgi(app, db, gate, requests)
     check(outcome, "unhandled", requests, logs, rows, retry_after=7)
@@ -603,9 +598,7 @@ def test_wsgi_answers_503_when_the_pool_is_exhausted(
     make_db: DatabaseFactory, rows: Rows, logs: pytest.LogCaptureFixture, case: str
 ) -> None:
     """A busy pool tells WSGI clients to come back instead of failing them with a 500."""
-    db = make_tiny_db(make_db)
-    gate = Gate()
-    requests = burst_requests(case)
+    db, gate, requests = scenario(make_db, case)
     outcome = exhaust_wsgi(wsgi_app(db, gate), db, gate, requests)
     check(outcome, case, requests, logs, rows)
 
@@ -618,9 +611,7 @@ def test_flask_answers_503_when_the_pool_is_exhausted(
     make_db: DatabaseFactory, rows: Rows, logs: pytest.LogCaptureFixture, case: str
 ) -> None:
     """Flask's 500 (its own or an error handler's) for a busy pool becomes a 503, unlogged."""
-    db = make_tiny_db(make_db)
-    gate = Gate()
-    requests = burst_requests(case)
+    db, gate, requests = scenario(make_db, case)
     outcome = exhaust_wsgi(flask_app(db, gate, case), db, gate, requests)
     check(outcome, case, requests, logs, rows)
 
@@ -631,9 +622,7 @@ def test_wsgi_retry_after_is_the_configured_value(
     make_db: DatabaseFactory, rows: Rows, logs: pytest.LogCaptureFixture, adapter: str
 ) -> None:
     """'retry_after' is what clients and load balancers are told to wait, so it must arrive."""
-    db = make_tiny_db(make_db)
-    gate = Gate()
-    requests = burst_requests("unhandled")
+    db, gate, requests = scenario(make_db, "unhandled")
     if adapter == "wsgi":
         app = wsgi_app(db, gate, retry_after=7)
     else:

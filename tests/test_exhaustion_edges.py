@@ -16,8 +16,6 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -41,20 +39,26 @@ from werkzeug.test import Client
 from sessionscope import Database, SessionMiddleware
 from sessionscope.middleware.wsgi import WSGISessionMiddleware
 
+from ._exhaustion import (
+    BODY,
+    SELECT_1,
+    Gate,
+    errors,
+    hold_route,
+    nothing_left,
+    served_while_held,
+    told_to_retry,
+)
 from ._servers import wait_until as wait_until_blocking
 from ._servers import werkzeug_server
 from ._units import Boom, run_unit
-from ._uvicorn import PROTOCOL_ERRORS, Served, serve, wait_until
+from ._uvicorn import PROTOCOL_ERRORS, wait_until
 from .conftest import Backend, DatabaseFactory, backend_params, leak_checked
 
 pytestmark = pytest.mark.anyio
 
 POOL_TIMEOUT = 0.3
 TINY_POOL = {"pool_size": 1, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT}
-SELECT_1 = sa.text("SELECT 1")
-BODY = b"Service Unavailable"
-# What sessionscope logs, once, for a request it answers 503.
-BUSY = "got no connection"
 
 SQLITE = backend_params(["sqlite"])
 SQLITE_SYNC = backend_params(["sqlite"], modes=["sync"])
@@ -65,21 +69,6 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """What any thread logs (the servers run in threads), WARNING and up."""
     caplog.set_level(logging.WARNING)
     return caplog
-
-
-def told_to_retry(logs: pytest.LogCaptureFixture) -> list[str]:
-    """The requests ("METHOD /path") sessionscope logged as answered 503."""
-    messages = [r.getMessage() for r in logs.records if r.name == "sessionscope"]
-    return [message.split(f" {BUSY} ")[0] for message in messages if BUSY in message]
-
-
-def errors(logs: pytest.LogCaptureFixture) -> list[str]:
-    return [f"{r.name}: {r.getMessage()}" for r in logs.records if r.levelno >= logging.ERROR]
-
-
-def nothing_left(db: Database[Any]) -> tuple[int, int, int]:
-    pool = db.sync_engine.pool
-    return db.live_units, db.live_sessions, pool.checkedout()  # type: ignore[attr-defined]
 
 
 def make_tiny_db(make_db: DatabaseFactory) -> Database[Any]:
@@ -97,37 +86,17 @@ class Taken:
         self._connection: Connection | None = engine.connect()
 
     def release(self) -> None:
+        """Give the connection back to the pool, once (later calls do nothing)."""
         with self._lock:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
 
+    def __enter__(self) -> Taken:
+        return self
 
-@dataclass
-class Gate:
-    """A slow request holds the only connection until the gate opens."""
-
-    holding: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    held: list[int] = field(default_factory=list)
-
-
-def hold_route(db: Database[Any], gate: Gate) -> Route:
-    """``GET /hold``: on the server's own loop, where an async pool's connections belong."""
-
-    def hold_sync(request: Request) -> Response:
-        db.session.execute(SELECT_1)
-        gate.holding.set()
-        gate.release.wait(10)
-        return PlainTextResponse("held")
-
-    async def hold_async(request: Request) -> Response:
-        await db.session.execute(SELECT_1)
-        gate.holding.set()
-        await anyio.to_thread.run_sync(gate.release.wait, 10)
-        return PlainTextResponse("held")
-
-    return Route("/hold", hold_async if db.is_async else hold_sync)
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
@@ -142,26 +111,6 @@ def starlette_app(
     app = Starlette(routes=[hold_route(db, gate), *routes], exception_handlers=handlers)
     app.add_middleware(SessionMiddleware, db=db)
     return app
-
-
-@asynccontextmanager
-async def pool_held(served: Served, gate: Gate) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of ``served`` while a slow request holds the pool's only connection."""
-    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-    async with (
-        httpx.AsyncClient(base_url=served.url, limits=limits, timeout=30) as http,
-        anyio.create_task_group() as tg,
-    ):
-
-        async def hold() -> None:
-            gate.held.append((await http.get("/hold")).status_code)
-
-        tg.start_soon(hold)
-        try:
-            assert await anyio.to_thread.run_sync(gate.holding.wait, 10)
-            yield http
-        finally:
-            gate.release.set()
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
@@ -223,10 +172,8 @@ async def test_a_bug_after_a_recovered_timeout_keeps_its_500_and_traceback(
 
     endpoint = recover_then_fail_async if db.is_async else recover_then_fail_sync
     app = starlette_app(db, gate, [Route("/recovers", endpoint)])
-    async with serve(app) as served:
-        async with pool_held(served, gate) as http:
-            response = await http.get("/recovers")
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+    async with served_while_held(app, db, gate) as (served, http):
+        response = await http.get("/recovers")
     # Read once the server stopped: it logs the app's error after the unit has ended.
     log = served.log()
     assert (response.status_code, response.text) == (500, "Internal Server Error")
@@ -256,10 +203,8 @@ async def test_a_timeout_in_a_begin_block_turned_500_by_a_handler_is_a_503(
     endpoint = in_a_block_async if db.is_async else in_a_block_sync
     routes = [Route("/block", endpoint, methods=["POST"])]
     app = starlette_app(db, gate, routes, on_error=database_error)
-    async with serve(app) as served:
-        async with pool_held(served, gate) as http:
-            response = await http.post("/block")
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+    async with served_while_held(app, db, gate) as (_, http):
+        response = await http.post("/block")
     assert_told_to_retry(response.status_code, dict(response.headers), response.content)
     assert told_to_retry(logs) == ["POST /block"]
     assert errors(logs) == []
@@ -289,10 +234,8 @@ async def test_any_5xx_the_app_made_of_a_timeout_is_a_503(
 
     endpoint = bad_gateway_async if db.is_async else bad_gateway_sync
     app = starlette_app(db, gate, [Route("/read", endpoint)])
-    async with serve(app) as served:
-        async with pool_held(served, gate) as http:
-            response = await http.get("/read")
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+    async with served_while_held(app, db, gate) as (_, http):
+        response = await http.get("/read")
     assert_told_to_retry(response.status_code, dict(response.headers), response.content)
     assert told_to_retry(logs) == ["GET /read"]
 
@@ -324,15 +267,13 @@ async def test_a_timeout_in_a_stream_after_its_start_is_not_answered_twice(
         return StreamingResponse(chunks_async() if db.is_async else chunks_sync())
 
     app = starlette_app(db, gate, [Route("/stream", stream)])
-    async with serve(app) as served:
-        async with pool_held(served, gate) as http:
-            chunks: list[bytes] = []
-            async with http.stream("GET", "/stream") as response:
-                with pytest.raises(httpx.RemoteProtocolError):
-                    await read_into(chunks, response)
-            # Only the slow request's unit and connection remain.
-            await wait_until(lambda: nothing_left(db) == (1, 1, 1))
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+    async with served_while_held(app, db, gate) as (served, http):
+        chunks: list[bytes] = []
+        async with http.stream("GET", "/stream") as response:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await read_into(chunks, response)
+        # Only the slow request's unit and connection remain.
+        await wait_until(lambda: nothing_left(db) == (1, 1, 1))
     # Read once the server stopped: it logs the app's error after the unit has ended.
     log = served.log()
     assert (response.status_code, b"".join(chunks)) == (200, b"first ")
@@ -367,12 +308,10 @@ async def test_a_timeout_in_work_after_the_response_keeps_the_answer(
         return PlainTextResponse("answered", background=job)
 
     app = starlette_app(db, gate, [Route("/later", later)])
-    async with serve(app) as served:
-        async with pool_held(served, gate) as http:
-            response = await http.get("/later")
-            assert await anyio.to_thread.run_sync(job_over.wait, 10)
-            await wait_until(lambda: nothing_left(db) == (1, 1, 1))
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
+    async with served_while_held(app, db, gate) as (served, http):
+        response = await http.get("/later")
+        assert await anyio.to_thread.run_sync(job_over.wait, 10)
+        await wait_until(lambda: nothing_left(db) == (1, 1, 1))
     # Read once the server stopped: it logs the app's error after the unit has ended.
     log = served.log()
     assert (response.status_code, response.text) == (200, "answered")
@@ -417,11 +356,8 @@ def test_a_bug_after_a_recovered_timeout_reaches_the_wsgi_server(
 
     app: WSGIApplication = raises if shape == "raises" else generator
     client = Client(WSGISessionMiddleware(app, db))
-    try:
-        with pytest.raises(Boom, match="a bug after the recovery"):
-            client.get("/")
-    finally:
-        taken.release()
+    with taken, pytest.raises(Boom, match="a bug after the recovery"):
+        client.get("/")
     assert told_to_retry(logs) == []
 
 
@@ -452,13 +388,9 @@ def test_a_timeout_in_a_begin_block_is_a_503_under_flask(
             session.execute(SELECT_1)
         return "done", 201
 
-    taken = Taken(db.sync_engine)
-    try:
-        with werkzeug_server(app) as port:
-            status, headers, body = fetch_answer(port, "POST", "/block")
-            wait_until_blocking(lambda: db.live_units == 0)
-    finally:
-        taken.release()
+    with Taken(db.sync_engine), werkzeug_server(app) as port:
+        status, headers, body = fetch_answer(port, "POST", "/block")
+        wait_until_blocking(lambda: db.live_units == 0)
     assert_told_to_retry(status, headers, body)
     assert told_to_retry(logs) == ["POST /block"]
     assert errors(logs) == []
@@ -485,11 +417,8 @@ def test_a_flask_app_under_test_gets_the_503(
     """With TESTING on, Flask lets the timeout propagate: the client still gets the 503."""
     db = make_tiny_db(make_db)
     client = flask_app(db, TESTING=True).test_client()
-    taken = Taken(db.sync_engine)
-    try:
+    with Taken(db.sync_engine):
         response = client.get("/read")
-    finally:
-        taken.release()
     headers = {key.lower(): value for key, value in response.headers.items()}
     assert_told_to_retry(response.status_code, headers, response.data)
     assert told_to_retry(logs) == ["GET /read"]
@@ -508,11 +437,8 @@ def test_a_4xx_an_error_handler_made_of_a_timeout_stands(
     def conflict(error: SQLAlchemyError) -> tuple[str, int]:
         return "try another way", 409
 
-    taken = Taken(db.sync_engine)
-    try:
+    with Taken(db.sync_engine):
         response = app.test_client().get("/read")
-    finally:
-        taken.release()
     assert (response.status_code, response.text) == (409, "try another way")
     assert response.headers.get("Retry-After") is None
     assert told_to_retry(logs) == []
@@ -539,11 +465,8 @@ def caught_app(db: Database[Any]) -> WSGIApplication:
 
 
 def status_while_taken(client: Client, engine: Engine) -> int:
-    taken = Taken(engine)
-    try:
+    with Taken(engine):
         return client.get("/").status_code
-    finally:
-        taken.release()
 
 
 @pytest.mark.parametrize("backend", SQLITE_SYNC, indirect=True)

@@ -11,17 +11,13 @@ afterwards, with the garbage collector off, that no connection, unit or session 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
 import pytest
-import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -29,8 +25,8 @@ from starlette.routing import Route
 
 from sessionscope import Database, SessionMiddleware
 
+from ._exhaustion import BODY, SELECT_1, Gate, errors, hold_route, served_while_held, told_to_retry
 from ._units import Boom
-from ._uvicorn import Served, serve, wait_until
 from .conftest import DatabaseFactory, backend_params
 
 pytestmark = [
@@ -40,11 +36,6 @@ pytestmark = [
 
 POOL_TIMEOUT = 0.3
 TINY_POOL = {"pool_size": 1, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT}
-SELECT_1 = sa.text("SELECT 1")
-BODY = b"Service Unavailable"
-# What sessionscope logs, once, for a request it answers 503.
-BUSY = "got no connection"
-
 Task = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -53,71 +44,6 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """What any thread logs (the server runs in a thread), WARNING and up."""
     caplog.set_level(logging.WARNING)
     return caplog
-
-
-def told_to_retry(logs: pytest.LogCaptureFixture) -> list[str]:
-    """The requests ("METHOD /path") sessionscope logged as answered 503."""
-    messages = [r.getMessage() for r in logs.records if r.name == "sessionscope"]
-    return [message.split(f" {BUSY} ")[0] for message in messages if BUSY in message]
-
-
-def errors(logs: pytest.LogCaptureFixture) -> list[str]:
-    return [f"{r.name}: {r.getMessage()}" for r in logs.records if r.levelno >= logging.ERROR]
-
-
-def nothing_left(db: Database[Any]) -> tuple[int, int, int]:
-    pool = db.sync_engine.pool
-    return db.live_units, db.live_sessions, pool.checkedout()  # type: ignore[attr-defined]
-
-
-# -- the pool's only connection, held by a slow request ---------------------------------------
-
-
-@dataclass
-class Gate:
-    """The slow request holds the only connection until the gate opens."""
-
-    holding: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    held: list[int] = field(default_factory=list)
-
-
-def hold_route(db: Database[Any], gate: Gate) -> Route:
-    """``GET /hold``: on the server's own loop, where an async pool's connections belong."""
-
-    def hold_sync(request: Request) -> Response:
-        db.session.execute(SELECT_1)
-        gate.holding.set()
-        gate.release.wait(10)
-        return PlainTextResponse("held")
-
-    async def hold_async(request: Request) -> Response:
-        await db.session.execute(SELECT_1)
-        gate.holding.set()
-        await anyio.to_thread.run_sync(gate.release.wait, 10)
-        return PlainTextResponse("held")
-
-    return Route("/hold", hold_async if db.is_async else hold_sync)
-
-
-@asynccontextmanager
-async def pool_held(served: Served, gate: Gate) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of ``served`` while a slow request holds the pool's only connection."""
-    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-    async with (
-        httpx.AsyncClient(base_url=served.url, limits=limits, timeout=30) as http,
-        anyio.create_task_group() as tg,
-    ):
-
-        async def hold() -> None:
-            gate.held.append((await http.get("/hold")).status_code)
-
-        tg.start_soon(hold)
-        try:
-            assert await anyio.to_thread.run_sync(gate.holding.wait, 10)
-            yield http
-        finally:
-            gate.release.set()
 
 
 def fan_out_app(db: Database[Any], gate: Gate, tasks: list[Task]) -> Any:
@@ -136,13 +62,10 @@ def fan_out_app(db: Database[Any], gate: Gate, tasks: list[Task]) -> Any:
 
 async def fetch_fan_out(app: Any, db: Database[Any], gate: Gate) -> tuple[httpx.Response, str]:
     """``GET /fanout`` while the pool is held; the answer and what uvicorn logged."""
-    async with serve(app) as served:
-        async with pool_held(served, gate) as http:
-            response = await http.get("/fanout")
-        await wait_until(lambda: nothing_left(db) == (0, 0, 0))
-        log = served.log()
+    async with served_while_held(app, db, gate) as (served, http):
+        response = await http.get("/fanout")
     assert gate.held == [200]
-    return response, log
+    return response, served.log()
 
 
 def request_read(db: Database[Any]) -> Task:

@@ -14,9 +14,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -32,6 +33,22 @@ from sqlalchemy.orm import Session
 from sessionscope import Database
 
 from ._models import Item
+from ._retry import (
+    INCREMENT,
+    LONG_WAIT,
+    RACE_CODE,
+    READ,
+    Counters,
+    counter_table,
+    driver_code,
+    logged,
+    lose_race,
+    no_connection_out,
+    racy_database,
+    run_either,
+    run_work,
+    use_wal,
+)
 from ._units import Boom, Rows
 from .conftest import Backend, DatabaseFactory, backend_params
 
@@ -50,127 +67,26 @@ servers_both = pytest.mark.parametrize(
     "backend", backend_params(backends=["postgresql", "mariadb"]), indirect=True
 )
 
-# Waits that only run out in a failed run.
-LONG_WAIT = 10.0
-
-READ = sa.text("SELECT n FROM retry_counters WHERE id = :id")
 SET = sa.text("UPDATE retry_counters SET n = :n WHERE id = :id")
-INCREMENT = sa.text("UPDATE retry_counters SET n = n + 1 WHERE id = :id")
 COUNT = sa.text("SELECT count(*) FROM items")
 
-# What the log says, and what the raised error carries, when a unit of ``racy_db`` loses.
+# What the log says when a unit of ``racy_db`` loses (the raised error carries ``RACE_CODE``).
 RACE_LOG = {"postgresql": "SQLSTATE 40001", "mariadb": "MySQL 1020", "sqlite": "SQLite 517"}
-RACE_CODE: dict[str, object] = {"postgresql": "40001", "mariadb": 1020, "sqlite": 517}
 
-Counters = Callable[[], dict[int, int]]
 Results = dict[str, Any]
 Errors = dict[str, BaseException]
 
-
-# -- tables, databases, logs ----------------------------------------------------------------
-
-
-@pytest.fixture
-def counters(checker: Engine) -> Iterator[Counters]:
-    """A table of two counters (ids 1 and 2, both 0); returns a reader of their values."""
-    with checker.begin() as connection:
-        connection.execute(sa.text("DROP TABLE IF EXISTS retry_counters"))
-        connection.execute(
-            sa.text("CREATE TABLE retry_counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
-        )
-        connection.execute(sa.text("INSERT INTO retry_counters (id, n) VALUES (1, 0), (2, 0)"))
-
-    def read() -> dict[int, int]:
-        with checker.connect() as connection:
-            found = connection.execute(sa.text("SELECT id, n FROM retry_counters"))
-            return {int(key): int(value) for key, value in found}
-
-    yield read
-    with checker.begin() as connection:
-        connection.execute(sa.text("DROP TABLE retry_counters"))
-
-
-def use_wal(checker: Engine) -> None:
-    """Put the SQLite file in WAL mode (it stays set in the file for every connection)."""
-    with checker.connect() as connection:
-        mode = connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar()
-    assert mode == "wal"
-
-
-@pytest.fixture
-def racy_db(backend: Backend, make_db: DatabaseFactory, checker: Engine) -> Database[Any]:
-    """A database where a unit that read a row another transaction then changed and
-    committed fails as soon as it writes that row (see ``lose_race``)."""
-    if backend.name == "postgresql":
-        return make_db(engine_options={"isolation_level": "SERIALIZABLE"})
-    if backend.name == "mariadb":
-        snapshot = "SET SESSION innodb_snapshot_isolation = ON"
-        return make_db(engine_options={"connect_args": {"init_command": snapshot}})
-    use_wal(checker)
-    return make_db(sqlite_begin="deferred")
-
-
-def lose_race(session: Session, checker: Engine) -> None:
-    """Read counter 1, let another transaction increment it and commit, then write it: the
-    unit's snapshot is stale, so its write fails with the backend's ``RACE_CODE``."""
-    session.execute(READ, {"id": 1}).scalar_one()
-    with checker.begin() as connection:
-        connection.execute(INCREMENT, {"id": 1})
-    session.execute(INCREMENT, {"id": 1})
-
-
-def driver_code(backend: Backend, error: BaseException) -> object:
-    """The code the driver gave ``error``: the SQLSTATE on PostgreSQL, SQLite's extended
-    result code, MySQL's error number (pymysql also sets a ``sqlstate``, often HY000)."""
-    assert isinstance(error, DBAPIError), f"not a DBAPIError: {error!r}"
-    orig = error.orig
-    assert orig is not None
-    if backend.name == "postgresql":
-        return getattr(orig, "sqlstate", None)
-    if backend.name == "sqlite":
-        return getattr(orig, "sqlite_errorcode", None)
-    return orig.args[0]
-
-
-def logged(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    """The messages the library logged at exactly ``level``."""
-    return [
-        r.getMessage() for r in caplog.records if r.name == "sessionscope" and r.levelno == level
-    ]
+# The fixtures of ``_retry``, found by pytest under these names.
+counters = pytest.fixture(counter_table)
+racy_db = pytest.fixture(racy_database)
 
 
 def names_attempt(message: str, attempt: int) -> bool:
+    """Whether a log message names the attempt number ``attempt``."""
     return re.search(rf"\b{attempt}\b", message) is not None
 
 
-def no_connection_out(db: Database[Any]) -> None:
-    assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    assert db.live_units == 0
-    assert db.live_sessions == 0
-
-
-# -- running work the same way on either kind of database -----------------------------------
-
-
-async def run_either(
-    db: Database[Any],
-    sync_fn: Callable[[Session], T],
-    async_fn: Callable[[AsyncSession], Awaitable[T]],
-    retries: int,
-) -> T:
-    """``db.run(sync_fn)`` or ``await db.run_async(async_fn)``, by the database's driver."""
-    if db.is_async:
-        return await db.run_async(async_fn, retries=retries)
-    return db.run(sync_fn, retries=retries)
-
-
-async def run_work(db: Database[Any], work: Callable[[Session], T], retries: int) -> T:
-    """``run_either`` with the same work, given the ``AsyncSession``'s sync session there."""
-
-    async def in_async(session: AsyncSession) -> T:
-        return await session.run_sync(work)
-
-    return await run_either(db, work, in_async, retries)
+# -- two units at once ------------------------------------------------------------------------
 
 
 def in_two_threads(call: Callable[[str], object]) -> tuple[Results, Errors]:
@@ -220,6 +136,46 @@ class Meeting:
             await self.arrived["b" if who == "a" else "a"].wait()
 
 
+Meet = Callable[[], object]
+AsyncMeet = Callable[[], Awaitable[None]]
+
+
+async def race_of_two(
+    db: Database[Any],
+    retries: int,
+    calls: list[str],
+    sync_work: Callable[[Session, str, Meet | None], T],
+    async_work: Callable[[AsyncSession, str, AsyncMeet | None], Awaitable[T]],
+) -> tuple[Results, Errors]:
+    """Units "a" and "b" at once through ``db.run`` (threads) or ``db.run_async`` (tasks);
+    each run is noted in ``calls``, and only a unit's first run gets ``meet`` (else ``None``):
+    the wait until the other unit has called it too."""
+    if not db.is_async:
+        barrier = threading.Barrier(2, timeout=LONG_WAIT)
+
+        def run_sync(who: str) -> T:
+            def fn(session: Session) -> T:
+                first = who not in calls
+                calls.append(who)
+                return sync_work(session, who, barrier.wait if first else None)
+
+            return db.run(fn, retries=retries)
+
+        return in_two_threads(run_sync)
+
+    meeting = Meeting()
+
+    async def run_async(who: str) -> T:
+        async def fn(session: AsyncSession) -> T:
+            first = who not in calls
+            calls.append(who)
+            return await async_work(session, who, partial(meeting.wait, who) if first else None)
+
+        return await db.run_async(fn, retries=retries)
+
+    return await in_two_tasks(run_async)
+
+
 # -- PostgreSQL: a serialization failure between two SERIALIZABLE units ---------------------
 
 
@@ -242,45 +198,29 @@ async def increment_race(db: Database[Any], retries: int) -> Race:
     fails with SQLSTATE 40001. Only the first run of each waits at the meeting point.
     """
     race = Race()
-    calls = race.calls
     lock_timeout = sa.text("SET LOCAL lock_timeout = '5s'")
-    if not db.is_async:
-        barrier = threading.Barrier(2, timeout=LONG_WAIT)
 
-        def increment_sync(who: str) -> int:
-            def fn(session: Session) -> int:
-                first = who not in calls
-                calls.append(who)
-                db.after_commit(lambda: race.callbacks.append(who))
-                session.execute(lock_timeout)
-                read = int(session.execute(READ, {"id": 1}).scalar_one())
-                if first:
-                    barrier.wait()
-                session.execute(SET, {"n": read + 1, "id": 1})
-                return read + 1
+    def increment_sync(session: Session, who: str, meet: Meet | None) -> int:
+        db.after_commit(lambda: race.callbacks.append(who))
+        session.execute(lock_timeout)
+        read = int(session.execute(READ, {"id": 1}).scalar_one())
+        if meet is not None:
+            meet()
+        session.execute(SET, {"n": read + 1, "id": 1})
+        return read + 1
 
-            return db.run(fn, retries=retries)
+    async def increment_async(session: AsyncSession, who: str, meet: AsyncMeet | None) -> int:
+        db.after_commit(lambda: race.callbacks.append(who))
+        await session.execute(lock_timeout)
+        read = int((await session.execute(READ, {"id": 1})).scalar_one())
+        if meet is not None:
+            await meet()
+        await session.execute(SET, {"n": read + 1, "id": 1})
+        return read + 1
 
-        race.results, race.errors = in_two_threads(increment_sync)
-        return race
-
-    meeting = Meeting()
-
-    async def increment_async(who: str) -> int:
-        async def fn(session: AsyncSession) -> int:
-            first = who not in calls
-            calls.append(who)
-            db.after_commit(lambda: race.callbacks.append(who))
-            await session.execute(lock_timeout)
-            read = int((await session.execute(READ, {"id": 1})).scalar_one())
-            if first:
-                await meeting.wait(who)
-            await session.execute(SET, {"n": read + 1, "id": 1})
-            return read + 1
-
-        return await db.run_async(fn, retries=retries)
-
-    race.results, race.errors = await in_two_tasks(increment_async)
+    race.results, race.errors = await race_of_two(
+        db, retries, race.calls, increment_sync, increment_async
+    )
     return race
 
 
@@ -351,42 +291,25 @@ async def test_deadlock_victim_runs_again_and_both_units_are_stored(
     calls: list[str] = []
     order = {"a": (1, 2), "b": (2, 1)}
     timeout = sa.text(LOCK_TIMEOUT[backend.name])
-    if db.is_async:
-        meeting = Meeting()
 
-        async def lock_both_async(who: str) -> str:
-            async def fn(session: AsyncSession) -> str:
-                first = who not in calls
-                calls.append(who)
-                await session.execute(timeout)
-                await session.execute(INCREMENT, {"id": order[who][0]})
-                if first:
-                    await meeting.wait(who)
-                await session.execute(INCREMENT, {"id": order[who][1]})
-                return who
+    def lock_both_sync(session: Session, who: str, meet: Meet | None) -> str:
+        session.execute(timeout)
+        session.execute(INCREMENT, {"id": order[who][0]})
+        if meet is not None:
+            meet()
+        session.execute(INCREMENT, {"id": order[who][1]})
+        return who
 
-            return await db.run_async(fn, retries=3)
+    async def lock_both_async(session: AsyncSession, who: str, meet: AsyncMeet | None) -> str:
+        await session.execute(timeout)
+        await session.execute(INCREMENT, {"id": order[who][0]})
+        if meet is not None:
+            await meet()
+        await session.execute(INCREMENT, {"id": order[who][1]})
+        return who
 
-        with caplog.at_level(logging.WARNING, logger="sessionscope"):
-            results, errors = await in_two_tasks(lock_both_async)
-    else:
-        barrier = threading.Barrier(2, timeout=LONG_WAIT)
-
-        def lock_both_sync(who: str) -> str:
-            def fn(session: Session) -> str:
-                first = who not in calls
-                calls.append(who)
-                session.execute(timeout)
-                session.execute(INCREMENT, {"id": order[who][0]})
-                if first:
-                    barrier.wait()
-                session.execute(INCREMENT, {"id": order[who][1]})
-                return who
-
-            return db.run(fn, retries=3)
-
-        with caplog.at_level(logging.WARNING, logger="sessionscope"):
-            results, errors = in_two_threads(lock_both_sync)
+    with caplog.at_level(logging.WARNING, logger="sessionscope"):
+        results, errors = await race_of_two(db, 3, calls, lock_both_sync, lock_both_async)
 
     assert errors == {}
     assert results == {"a": "a", "b": "b"}
@@ -443,49 +366,33 @@ async def insert_race(db: Database[Any], retries: int) -> Race:
     snapshot (517), at its COMMIT.
     """
     race = Race()
-    calls = race.calls
     a_committed = threading.Event()  # set by an after-commit callback, wherever it runs
-    if not db.is_async:
-        barrier = threading.Barrier(2, timeout=LONG_WAIT)
 
-        def insert_sync(who: str) -> int:
-            def fn(session: Session) -> int:
-                first = who not in calls
-                calls.append(who)
-                if who == "a":
-                    db.after_commit(a_committed.set)
-                count = int(session.execute(COUNT).scalar_one())
-                if first:
-                    barrier.wait()
-                    if who == "b":
-                        assert a_committed.wait(LONG_WAIT)
-                session.add(Item(name=who))
-                return count
+    def insert_sync(session: Session, who: str, meet: Meet | None) -> int:
+        if who == "a":
+            db.after_commit(a_committed.set)
+        count = int(session.execute(COUNT).scalar_one())
+        if meet is not None:
+            meet()
+            if who == "b":
+                assert a_committed.wait(LONG_WAIT)
+        session.add(Item(name=who))
+        return count
 
-            return db.run(fn, retries=retries)
+    async def insert_async(session: AsyncSession, who: str, meet: AsyncMeet | None) -> int:
+        if who == "a":
+            db.after_commit(a_committed.set)
+        count = int((await session.execute(COUNT)).scalar_one())
+        if meet is not None:
+            await meet()
+            if who == "b":
+                assert await anyio.to_thread.run_sync(a_committed.wait, LONG_WAIT)
+        session.add(Item(name=who))
+        return count
 
-        race.results, race.errors = in_two_threads(insert_sync)
-        return race
-
-    meeting = Meeting()
-
-    async def insert_async(who: str) -> int:
-        async def fn(session: AsyncSession) -> int:
-            first = who not in calls
-            calls.append(who)
-            if who == "a":
-                db.after_commit(a_committed.set)
-            count = int((await session.execute(COUNT)).scalar_one())
-            if first:
-                await meeting.wait(who)
-                if who == "b":
-                    assert await anyio.to_thread.run_sync(a_committed.wait, LONG_WAIT)
-            session.add(Item(name=who))
-            return count
-
-        return await db.run_async(fn, retries=retries)
-
-    race.results, race.errors = await in_two_tasks(insert_async)
+    race.results, race.errors = await race_of_two(
+        db, retries, race.calls, insert_sync, insert_async
+    )
     return race
 
 
@@ -647,6 +554,25 @@ async def test_no_retry_keeps_a_lost_race_from_running_again(
     no_connection_out(db)
 
 
+async def lose_race_after(
+    db: Database[Any],
+    checker: Engine,
+    first: Callable[[Session], None],
+    first_async: Callable[[AsyncSession], Awaitable[None]],
+) -> None:
+    """Run (``retries=3``) work that does ``first`` (``first_async``), then loses a race."""
+
+    def work(session: Session) -> None:
+        first(session)
+        lose_race(session, checker)
+
+    async def work_async(session: AsyncSession) -> None:
+        await first_async(session)
+        await session.run_sync(lose_race, checker)
+
+    await run_either(db, work, work_async, retries=3)
+
+
 async def test_unit_that_committed_itself_is_not_run_again(
     counters: Counters,
     racy_db: Database[Any],
@@ -659,20 +585,18 @@ async def test_unit_that_committed_itself_is_not_run_again(
     db = racy_db
     calls: list[int] = []
 
-    def commit_then_lose(session: Session) -> None:
+    def commit(session: Session) -> None:
         calls.append(db.attempt)
         session.add(Item(name="committed"))
         session.commit()
-        lose_race(session, checker)
 
-    async def commit_then_lose_async(session: AsyncSession) -> None:
+    async def commit_async(session: AsyncSession) -> None:
         calls.append(db.attempt)
         session.add(Item(name="committed"))
         await session.commit()
-        await session.run_sync(lose_race, checker)
 
     with caplog.at_level(logging.WARNING, logger="sessionscope"), pytest.raises(DBAPIError):
-        await run_either(db, commit_then_lose, commit_then_lose_async, retries=3)
+        await lose_race_after(db, checker, commit, commit_async)
     assert calls == [1]
     assert rows() == ["committed"]
     assert logged(caplog, logging.WARNING) == []
@@ -691,20 +615,18 @@ async def test_unit_whose_nested_unit_committed_is_not_run_again(
     db = racy_db
     calls: list[int] = []
 
-    def nested_then_lose(session: Session) -> None:
+    def nested(session: Session) -> None:
         calls.append(db.attempt)
         with db.begin() as inner:
             inner.add(Item(name="nested"))
-        lose_race(session, checker)
 
-    async def nested_then_lose_async(session: AsyncSession) -> None:
+    async def nested_async(session: AsyncSession) -> None:
         calls.append(db.attempt)
         async with db.begin() as inner:
             inner.add(Item(name="nested"))
-        await session.run_sync(lose_race, checker)
 
     with caplog.at_level(logging.WARNING, logger="sessionscope"), pytest.raises(DBAPIError):
-        await run_either(db, nested_then_lose, nested_then_lose_async, retries=3)
+        await lose_race_after(db, checker, nested, nested_async)
     assert calls == [1]
     assert rows() == ["nested"]
     assert logged(caplog, logging.WARNING) == []

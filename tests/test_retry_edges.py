@@ -18,8 +18,8 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -33,12 +33,24 @@ from sqlalchemy.orm import Session
 from sessionscope import Database
 
 from ._models import Item
+from ._retry import (
+    INCREMENT,
+    LONG_WAIT,
+    RACE_CODE,
+    Counters,
+    counter_table,
+    driver_code,
+    logged,
+    lose_race,
+    no_connection_out,
+    racy_database,
+    run_either,
+    run_work,
+)
 from ._units import Rows
 from .conftest import Backend, DatabaseFactory, backend_params
 
 pytestmark = pytest.mark.anyio
-
-T = TypeVar("T")
 
 sqlite_both = pytest.mark.parametrize("backend", backend_params(backends=["sqlite"]), indirect=True)
 sqlite_sync = pytest.mark.parametrize(
@@ -48,62 +60,9 @@ mariadb_both = pytest.mark.parametrize(
     "backend", backend_params(backends=["mariadb"]), indirect=True
 )
 
-# Waits that only run out in a failed run.
-LONG_WAIT = 10.0
-
-READ = sa.text("SELECT n FROM retry_counters WHERE id = :id")
-INCREMENT = sa.text("UPDATE retry_counters SET n = n + 1 WHERE id = :id")
-
-# The code the driver gives the error of a unit of ``racy_db`` that lost its race.
-RACE_CODE: dict[str, object] = {"postgresql": "40001", "mariadb": 1020, "sqlite": 517}
-
-Counters = Callable[[], dict[int, int]]
-
-
-# -- tables, databases, logs ----------------------------------------------------------------
-
-
-@pytest.fixture
-def counters(checker: Engine) -> Iterator[Counters]:
-    """A table of two counters (ids 1 and 2, both 0); returns a reader of their values."""
-    with checker.begin() as connection:
-        connection.execute(sa.text("DROP TABLE IF EXISTS retry_counters"))
-        connection.execute(
-            sa.text("CREATE TABLE retry_counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
-        )
-        connection.execute(sa.text("INSERT INTO retry_counters (id, n) VALUES (1, 0), (2, 0)"))
-
-    def read() -> dict[int, int]:
-        with checker.connect() as connection:
-            found = connection.execute(sa.text("SELECT id, n FROM retry_counters"))
-            return {int(key): int(value) for key, value in found}
-
-    yield read
-    with checker.begin() as connection:
-        connection.execute(sa.text("DROP TABLE retry_counters"))
-
-
-@pytest.fixture
-def racy_db(backend: Backend, make_db: DatabaseFactory, checker: Engine) -> Database[Any]:
-    """A database where a unit that read a row another transaction then changed and
-    committed fails as soon as it writes that row (see ``lose_race``)."""
-    if backend.name == "postgresql":
-        return make_db(engine_options={"isolation_level": "SERIALIZABLE"})
-    if backend.name == "mariadb":
-        snapshot = "SET SESSION innodb_snapshot_isolation = ON"
-        return make_db(engine_options={"connect_args": {"init_command": snapshot}})
-    with checker.connect() as connection:
-        assert connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar() == "wal"
-    return make_db(sqlite_begin="deferred")
-
-
-def lose_race(session: Session, checker: Engine) -> None:
-    """Read counter 1, let another transaction increment it and commit, then write it: the
-    unit's snapshot is stale, so its write fails with the backend's ``RACE_CODE``."""
-    session.execute(READ, {"id": 1}).scalar_one()
-    with checker.begin() as connection:
-        connection.execute(INCREMENT, {"id": 1})
-    session.execute(INCREMENT, {"id": 1})
+# The fixtures of ``_retry``, found by pytest under these names.
+counters = pytest.fixture(counter_table)
+racy_db = pytest.fixture(racy_database)
 
 
 def lose_race_at_commit(session: Session, checker: Engine) -> None:
@@ -113,53 +72,6 @@ def lose_race_at_commit(session: Session, checker: Engine) -> None:
     with checker.begin() as connection:
         connection.execute(sa.text("UPDATE items SET name = 'theirs' WHERE name = 'x'"))
     item.name = "ours"
-
-
-def driver_code(backend: Backend, error: BaseException) -> object:
-    """The code the driver gave ``error``: the SQLSTATE on PostgreSQL, SQLite's extended
-    result code, MySQL's error number."""
-    assert isinstance(error, DBAPIError), f"not a DBAPIError: {error!r}"
-    orig = error.orig
-    assert orig is not None
-    if backend.name == "postgresql":
-        return getattr(orig, "sqlstate", None)
-    if backend.name == "sqlite":
-        return getattr(orig, "sqlite_errorcode", None)
-    return orig.args[0]
-
-
-def logged(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    """The messages the library logged at exactly ``level``."""
-    return [
-        r.getMessage() for r in caplog.records if r.name == "sessionscope" and r.levelno == level
-    ]
-
-
-def no_connection_out(db: Database[Any]) -> None:
-    assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    assert db.live_units == 0
-    assert db.live_sessions == 0
-
-
-async def run_either(
-    db: Database[Any],
-    sync_fn: Callable[[Session], T],
-    async_fn: Callable[[AsyncSession], Awaitable[T]],
-    retries: int,
-) -> T:
-    """``db.run(sync_fn)`` or ``await db.run_async(async_fn)``, by the database's driver."""
-    if db.is_async:
-        return await db.run_async(async_fn, retries=retries)
-    return db.run(sync_fn, retries=retries)
-
-
-async def run_work(db: Database[Any], work: Callable[[Session], T], retries: int) -> T:
-    """``run_either`` with the same work, given the ``AsyncSession``'s sync session there."""
-
-    async def in_async(session: AsyncSession) -> T:
-        return await session.run_sync(work)
-
-    return await run_either(db, work, in_async, retries)
 
 
 # -- a db.begin() nested in the run ---------------------------------------------------------
