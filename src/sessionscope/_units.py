@@ -132,18 +132,21 @@ class Units:
                 self.raise_no_unit(binding)
             return unit
 
+    def _running(self) -> Unit | None:
+        # The running code's unit, if it has one (no renewal, no error: see 'current').
+        binding = self.binding.get()
+        return binding.unit if binding is not None else None
+
     def writing(self) -> bool:
         """Whether the running code's unit is expected to write (``Unit.writes``)."""
-        binding = self.binding.get()
-        unit = binding.unit if binding is not None else None
+        unit = self._running()
         return unit is not None and unit.writes
 
     def outer_locker(self, every_unit_locks: bool) -> Unit | None:
         """The live unit the running code's unit is nested in whose transaction holds an
         SQLite write lock: one expected to write (``Unit.writes``), or any if
         ``every_unit_locks``; None if there is none (see _sqlite)."""
-        binding = self.binding.get()
-        unit = binding.unit if binding is not None else None
+        unit = self._running()
         outer = unit.parent if unit is not None else None
         while outer is not None:
             if (every_unit_locks or outer.writes) and self._connected(outer):
@@ -164,8 +167,7 @@ class Units:
     def note_pool_timeout(self) -> None:
         """Record on the running code's unit, and the units it is nested in, that a checkout
         from the pool timed out (see ``_exhaustion``)."""
-        binding = self.binding.get()
-        unit = binding.unit if binding is not None else None
+        unit = self._running()
         while unit is not None:
             unit.exhausted = True
             unit = unit.parent

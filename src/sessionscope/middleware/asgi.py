@@ -481,20 +481,21 @@ class _Exchange:
         if _exhaustion.is_pool_timeout(error):
             await self._replace_busy(unit)
             return
-        # Our 500 replaces the app's response: the rest of it is dropped (_drop), and what
-        # its body writes from here on, in a unit of its own, is rolled back.
-        self.state = _REPLACED
-        self.binding.unit = None
-        await units.end_async(unit, commit=False, inline=middleware.inline)
+        await self._abandon(unit)
         await middleware._send_failure(error, self.scope, self.receive, self._server_send)
 
     async def _replace_busy(self, unit: Unit) -> None:
         """Our 503 replaces the app's response, as our 500 does in ``_start``."""
+        await self._abandon(unit)
+        await self.middleware._send_busy(self.scope, self._server_send)
+
+    async def _abandon(self, unit: Unit) -> None:
+        # A response of ours replaces the app's: the rest of it is dropped (_drop), and what
+        # its body writes from here on, in a unit of its own, is rolled back.
         middleware = self.middleware
         self.state = _REPLACED
         self.binding.unit = None
         await middleware.units.end_async(unit, commit=False, inline=middleware.inline)
-        await middleware._send_busy(self.scope, self._server_send)
 
     async def _final(self, message: Message) -> None:
         """Commit what the stream wrote before its final message leaves."""

@@ -398,24 +398,20 @@ class _Response:
 
     def _replace_with(self, app: WSGIApplication) -> None:
         """Send ``app``'s response instead of the app's: the server has seen no status yet."""
+        # So the replacement is the first and only status it gets: no 'exc_info'
+        # replacement, which servers honour unevenly (Werkzeug's test client raises it,
+        # gunicorn keeps the first call's headers).
         self._remove()
         self._replaced = self._through = True
         self._replacement = app(self._environ, self._server_start)
         self._iterator = iter(self._replacement)
 
     def _replace(self, error: BaseException) -> None:
-        self._remove()
-        self._replaced = self._through = True
-        # The server has not seen the app's status yet, so the replacement is the first and
-        # only status it gets: no 'exc_info' replacement, which servers honour unevenly
-        # (Werkzeug's test client raises it, gunicorn keeps the first call's headers).
         try:
-            self._replacement = self._on_commit_error(error)(self._environ, self._server_start)
-            self._iterator = iter(self._replacement)
+            self._replace_with(self._on_commit_error(error))
         except Exception:
             logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
-            self._replacement = internal_server_error(error)(self._environ, self._server_start)
-            self._iterator = iter(self._replacement)
+            self._replace_with(internal_server_error(error))
 
     # -- what the server calls -----------------------------------------------------------
 
