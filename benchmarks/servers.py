@@ -125,7 +125,9 @@ def start(
     log = log_path.open("w")
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        # This tree's package first: with an editable install elsewhere, a copy of the
+        # repository would otherwise benchmark that install's sources.
+        "PYTHONPATH": os.pathsep.join((str(REPO / "src"), str(REPO))),
         "PYTHONDONTWRITEBYTECODE": "1",
         **(extra_env or {}),
     }

@@ -505,8 +505,8 @@ class Database(Generic[SessionT]):
         ``DATABASE_URL``, with ``SQLALCHEMY_ENGINE_OPTIONS`` and ``SQLALCHEMY_SESSION_OPTIONS``.
 
         :param app: the ``flask.Flask`` application.
-        :param options: ``commit_on``, ``on_commit_error`` and ``retry_after``, as for
-            ``WSGISessionMiddleware``.
+        :param options: ``commit_on``, ``on_commit_error``, ``retry_after``, ``retries``
+            and ``retry_body_limit``, as for ``WSGISessionMiddleware``.
 
         ```python
         db = Database()
@@ -578,7 +578,8 @@ class Database(Generic[SessionT]):
 
     @property
     def attempt(self) -> int:
-        """Which run of the current unit's work this is: 1, then 2 on its first retry."""
+        """Which run of the current unit's work this is: 1, then 2 on its first retry (of
+        ``db.run()``, or of a request under a middleware given ``retries``)."""
         return self.units.current().attempt
 
     def no_retry(self) -> None:

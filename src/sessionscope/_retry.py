@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError
 
-__all__ = ["backoff", "check_retries", "log_retry", "retry_code"]
+if TYPE_CHECKING:
+    from ._unit import Unit
+
+__all__ = [
+    "DEFAULT_BODY_LIMIT",
+    "backoff",
+    "check_body_limit",
+    "check_retries",
+    "log_retry",
+    "rerun_code",
+    "retry_code",
+]
 
 logger = logging.getLogger("sessionscope")
 
@@ -30,6 +42,17 @@ _SQLITE_CODES = frozenset({5, 6})
 # Full jitter (a random wait between 0 and the bound), the bound doubling per attempt.
 _FIRST_BOUND = 0.05
 _LAST_BOUND = 1.0
+
+# The request body a middleware keeps to hand to another attempt, in bytes.
+DEFAULT_BODY_LIMIT = 1024 * 1024
+
+
+def rerun_code(unit: Unit | None, error: BaseException) -> str | None:
+    """The driver's code if ``unit`` failed with ``error`` for losing a race and will run
+    again: runs remain for it, and nothing of it (nor of a unit nested in it) was stored."""
+    if unit is None or not unit.retries_left or unit.no_retry or unit.commits:
+        return None
+    return retry_code(error)
 
 
 def retry_code(error: BaseException) -> str | None:
@@ -86,6 +109,15 @@ def check_retries(retries: object) -> int:
             f" not {retries!r}."
         )
     return retries
+
+
+def check_body_limit(limit: object) -> int:
+    """``limit`` if it is a whole number of bytes (0 or more), else a ValueError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(
+            f"'retry_body_limit' must be a whole number of bytes (0 or more), not {limit!r}."
+        )
+    return limit
 
 
 def backoff(attempt: int) -> float:

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _exhaustion, _forks, _streams, _tracking
-from ._retry import retry_code
+from ._retry import rerun_code
 from ._unit import Cancel, Unit
 
 __all__ = [
@@ -136,12 +136,7 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
     if _exhaustion.is_pool_timeout(error):
         # Not a failure of the commit but a busy pool: the adapter answers 503 and says so.
         return
-    if (
-        unit is not None
-        and unit.retries_left
-        and not (unit.no_retry or unit.commits)
-        and retry_code(error) is not None
-    ):
+    if rerun_code(unit, error) is not None:
         return  # run again, and logged once as such (see _retry)
     logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
 

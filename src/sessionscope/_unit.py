@@ -94,7 +94,16 @@ class Binding:
     request is over) without setting the ``ContextVar`` again in a context it does not own.
     """
 
-    __slots__ = ("owner", "renewable", "source", "streaming", "unit", "writes")
+    __slots__ = (
+        "attempt",
+        "owner",
+        "renewable",
+        "retries_left",
+        "source",
+        "streaming",
+        "unit",
+        "writes",
+    )
 
     def __init__(
         self,
@@ -117,6 +126,18 @@ class Binding:
         # (the request's own, or work after the response); nothing is created for requests
         # that never need one.
         self.renewable = renewable
+        # For a unit opened through this binding (Unit.attempt, Unit.retries_left): a
+        # middleware that runs a request again sets them per attempt.
+        self.attempt = 1
+        self.retries_left = False
+
+    def stop_retries(self) -> None:
+        """The work running through this binding can no longer be run again (its body is
+        not kept, its client left, its response started): neither can its unit."""
+        self.retries_left = False
+        unit = self.unit
+        if unit is not None:
+            unit.retries_left = False
 
     def handling_request(self) -> bool:
         """Whether a middleware (ASGI or WSGI) is handling a request or socket through this.

@@ -128,6 +128,8 @@ class Units:
                 unit = binding.unit = self.open(
                     binding.streaming, binding.source, writes=binding.writes
                 )
+                unit.attempt = binding.attempt
+                unit.retries_left = binding.retries_left
             if unit is None or unit.closed:
                 self.raise_no_unit(binding)
             return unit

@@ -28,6 +28,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from .._config import default_url, is_async_url, is_sqlite_memory, safe_url
 from .._exhaustion import is_pool_timeout
+from .._retry import DEFAULT_BODY_LIMIT
 from .._unit import Binding, Unit, default_commit_on
 from ..middleware.wsgi import BODY_BUILT, WSGISessionMiddleware
 
@@ -63,6 +64,8 @@ def init_app(
     commit_on: Callable[[int], bool] = default_commit_on,
     on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
     retry_after: int = 1,
+    retries: int = 0,
+    retry_body_limit: int = DEFAULT_BODY_LIMIT,
 ) -> None:
     """Give ``app`` a unit of work per request and per app context; see ``Database.init_app``.
 
@@ -74,6 +77,10 @@ def init_app(
         response, for example a ``flask.Response``; default: a plain-text 500.
     :param retry_after: the ``Retry-After`` seconds of the 503 a request gets when its unit
         got no connection within the pool's timeout.
+    :param retries: how many more times a request that lost a race with a concurrent
+        transaction is run, with a fresh unit and the same body, when the error escaped the
+        view or failed the commit (default 0: see ``WSGISessionMiddleware``).
+    :param retry_body_limit: the bytes of a request body kept to hand to another attempt.
     """
     if not isinstance(app, Flask):
         raise TypeError(_not_flask(app))
@@ -92,12 +99,15 @@ def init_app(
         on_commit_error=on_commit_error,
         source=source,
         retry_after=retry_after,
+        retries=retries,
+        retry_body_limit=retry_body_limit,
     )
     app.wsgi_app = middleware  # type: ignore[method-assign]
     # An error the app did not handle is logged by Flask with its traceback at ERROR, and
     # answered 500; for a pool timeout in a unit the middleware answers 503 instead and
-    # logs one line, so Flask's log is left out. (An error handler for the timeout would
-    # outrank the app's own handlers for 'SQLAlchemyError' or 'Exception'.)
+    # logs one line, and a lost race it runs again (logging that once), so Flask's log is
+    # left out. (An error handler for them would outrank the app's own handlers for
+    # 'SQLAlchemyError' or 'Exception'.)
     log_exception = app.log_exception
     binding = db.units.binding
 
@@ -106,6 +116,8 @@ def init_app(
         current = binding.get()
         unit = current.unit if current is not None else None
         if error is not None and unit is not None and unit.exhausted and is_pool_timeout(error):
+            return
+        if error is not None and middleware.runs_again(error):
             return
         log_exception(exc_info)
 

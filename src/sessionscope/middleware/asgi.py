@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import _exhaustion
+from .. import _exhaustion, _retry
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from .._unit import SAFE_METHODS, Binding, Unit, default_commit_on
 
@@ -89,6 +89,16 @@ class SessionMiddleware:
         ``pool_timeout`` gets that 503 instead of its response, whether the error escaped
         the app, the app turned it into a 5xx, or the commit met it (see "Pool
         exhaustion" in the docs); logged once at WARNING.
+    :param retries: how many more times a request that lost a race with a concurrent
+        transaction (a serialization failure, a deadlock, a lock wait timeout, a busy
+        SQLite file: read from the driver's error code) is run, with a fresh unit and the
+        same scope and body, when the error escaped the app or failed the commit before
+        the start left. Default 0: a request may have effects outside the database that
+        running it again would repeat. Never for a websocket, a response that started, a
+        client that left, a request that committed something itself (or in a
+        ``db.begin()`` nested in it) or called ``db.no_retry()``.
+    :param retry_body_limit: the bytes of a request body kept to hand to another attempt
+        (default 1 MiB); a longer body makes the request one that is not run again.
     """
 
     # Marks its bindings as handled by a middleware, to catch one installed twice.
@@ -104,8 +114,12 @@ class SessionMiddleware:
         dispose_on_shutdown: bool = True,
         commit_in_thread: bool = False,
         retry_after: int = 1,
+        retries: int = 0,
+        retry_body_limit: int = _retry.DEFAULT_BODY_LIMIT,
     ) -> None:
         _exhaustion.check_retry_after(retry_after)
+        self.retries = _retry.check_retries(retries)
+        self.retry_body_limit = _retry.check_body_limit(retry_body_limit)
         if db is None:
             from .. import db as default_db
 
@@ -127,6 +141,9 @@ class SessionMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._other(scope, receive, send)
+            return
+        if self.retries:
+            await self._retrying(scope, receive, send)
             return
         # The HTTP path is the hot path: a request that never touches the session should
         # pay close to nothing for it. Its binding (db.session finds it in the ContextVar,
@@ -161,6 +178,55 @@ class SessionMiddleware:
         # The common end: the response is complete and no unit is left (none was opened,
         # or the final message ended it).
         binding_var.reset(token)
+
+    async def _retrying(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle the request as ``__call__`` does, running it again while it loses races.
+
+        Each attempt gets a copy of the scope as the server gave it, and a ``receive`` that
+        replays the body messages received so far before it asks the server for more.
+        """
+        binding_var = self.units.binding
+        outer = binding_var.get()
+        if outer is not None:
+            self._refuse_nesting(outer)
+        replay = _Replay(receive, self.retry_body_limit)
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            exchange = _Exchange(self, _fresh(scope), replay.receiver(), send)
+            binding = exchange.binding
+            binding.attempt = attempt
+            binding.retries_left = attempt < attempts and replay.kept
+            replay.binding = binding
+            token = binding_var.set(binding)
+            try:
+                await self.app(exchange.scope, exchange.receive, exchange.send)
+            except BaseException as error:
+                # A cancellation or an exit ends the request, whatever the attempt met.
+                code = (
+                    (exchange.rerun or exchange.lost_race(error))
+                    if isinstance(error, Exception)
+                    else ""
+                )
+                busy = not code and exchange.state == _BEFORE and self._busy(error)
+                await self._end_request(exchange, token, failed=True)
+                if code:
+                    logger.debug("The attempt's error, discarded with it", exc_info=error)
+                elif not busy:
+                    raise
+                else:
+                    exchange.state = _DONE
+                    await self._send_busy(scope, send)
+                    return
+            else:
+                binding.renewable = False
+                code = exchange.rerun
+                await self._end_request(exchange, token, failed=bool(code))
+            if not code:
+                return
+            _retry.log_retry(
+                f"The request '{scope['method']} {scope['path']}'", code, attempt, attempts
+            )
+            await anyio.sleep(_retry.backoff(attempt))
 
     async def _end_request(
         self, exchange: _Exchange, token: Token[Binding | None], failed: bool
@@ -285,6 +351,73 @@ class SessionMiddleware:
             await send({"type": "lifespan.startup.failed", "message": error})
 
 
+class _Rerun(Exception):
+    """Raised into the app's ``send``: its commit lost a race and the request runs again."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(
+            f"The request's commit lost a race with a concurrent transaction ({code});"
+            " sessionscope runs the request again. Let this error propagate."
+        )
+
+
+def _fresh(scope: Scope) -> Scope:
+    """A copy of ``scope`` for one attempt: what an attempt's app adds to it (Starlette's
+    request state, say) is not seen by the next."""
+    copy = dict(scope)
+    state = scope.get("state")
+    if isinstance(state, dict):
+        copy["state"] = dict(state)
+    return copy
+
+
+class _Replay:
+    """The request's body messages, kept (up to a limit) for another attempt to read.
+
+    Each attempt's ``receive`` hands out the kept messages first, then asks the server.
+    Once the body is longer than the limit, or the client is gone (``http.disconnect``),
+    nothing more is kept and the running attempt is the last.
+    """
+
+    __slots__ = ("_receive", "binding", "kept", "limit", "messages", "size")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self.messages: list[Message] = []
+        self.size = 0
+        self.limit = limit
+        self.kept = True
+        self.binding: Binding | None = None
+
+    def receiver(self) -> Receive:
+        position = 0
+
+        async def receive() -> Message:
+            nonlocal position
+            if position < len(self.messages):
+                position += 1
+                return self.messages[position - 1]
+            message = await self._receive()
+            if self.kept:
+                self._keep(message)
+                position = len(self.messages)
+            return message
+
+        return receive
+
+    def _keep(self, message: Message) -> None:
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size <= self.limit:
+                self.messages.append(message)
+                return
+        # Too long to keep, or the client left: this attempt is the last.
+        self.kept = False
+        self.messages = []
+        if self.binding is not None:
+            self.binding.stop_retries()
+
+
 class _RequestBinding(Binding):
     """An HTTP request's binding: what ``db.session`` finds in the ``ContextVar``.
 
@@ -337,6 +470,7 @@ class _Exchange:
         "held",
         "middleware",
         "receive",
+        "rerun",
         "scope",
         "start",
         "state",
@@ -361,6 +495,8 @@ class _Exchange:
         binding.source = None
         binding.writes = scope["method"] not in SAFE_METHODS
         binding.answered = False
+        binding.attempt = 1
+        binding.retries_left = False
         self.middleware = middleware
         self.scope = scope
         self.receive = receive
@@ -368,6 +504,9 @@ class _Exchange:
         self.state = _BEFORE
         self.status = 0
         self.trailers = False
+        # Set when this attempt's commit lost a race and the request runs again: the
+        # driver's code, for the log.
+        self.rerun = ""
 
     def send(self, message: Message) -> Awaitable[None]:
         state = self.state
@@ -406,6 +545,7 @@ class _Exchange:
         binding.answered = True
         binding.streaming = False
         binding.writes = False  # work after the response is not the request's write
+        binding.retries_left = False
 
     def _body(self, message: Message) -> Awaitable[None]:
         """A body message that is not the final one.
@@ -470,6 +610,8 @@ class _Exchange:
             self.state = _BEFORE
             raise
         if error is None:
+            # What the stream writes from now on cannot be run again (see _retrying).
+            unit.retries_left = self.binding.retries_left = False
             if unit.exhausted and self.status >= 500 and not commit:
                 # The pool had no connection for it: a 503 of the app's own stands.
                 if self.status != 503:
@@ -481,8 +623,22 @@ class _Exchange:
         if _exhaustion.is_pool_timeout(error):
             await self._replace_busy(unit)
             return
+        code = _retry.rerun_code(unit, error)
         await self._abandon(unit)
+        if code is not None:
+            # Lost a race: nothing of the response leaves, nor does the app's work after it
+            # (Starlette's background tasks run after this send returns); the request runs
+            # again (see _retrying).
+            self.rerun = code
+            raise _Rerun(code)
         await middleware._send_failure(error, self.scope, self.receive, self._server_send)
+
+    def lost_race(self, error: BaseException) -> str:
+        """The driver's code if ``error`` escaped the app before its start, for losing a race
+        that running the request again may win; else an empty string."""
+        if self.state != _BEFORE:
+            return ""
+        return _retry.rerun_code(self.binding.unit, error) or ""
 
     async def _replace_busy(self, unit: Unit) -> None:
         """Our 503 replaces the app's response, as our 500 does in ``_start``."""

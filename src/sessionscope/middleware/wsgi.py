@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from .. import _exhaustion
+from .. import _exhaustion, _retry
 from .._unit import SAFE_METHODS, Binding, default_commit_on
 
 if TYPE_CHECKING:
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 
     from .._core import Database
     from .._source import Source
+    from .._unit import Unit
 
 __all__ = ["WSGISessionMiddleware", "internal_server_error", "service_unavailable"]
 
@@ -87,6 +90,18 @@ class WSGISessionMiddleware:
         (its ``Retry-After``). A request whose unit got no connection within the pool's
         ``pool_timeout`` gets that 503 instead of its response, whether the error escaped
         the app, the app turned it into a 5xx, or the commit met it; logged once at WARNING.
+    :param retries: how many more times a request that lost a race with a concurrent
+        transaction (a serialization failure, a deadlock, a lock wait timeout, a busy
+        SQLite file: read from the driver's error code) is run, with a fresh unit, a copy of
+        the environ and the same body, when the error escaped the app (or the app reported
+        it: ``runs_again``) or failed the commit, while the app is being called and before
+        its status left. Default 0: a request may have effects outside the database that
+        running it again would repeat. Not for a generator body that calls
+        ``start_response`` only once iterated, a body of unknown length or longer than
+        ``retry_body_limit``, a request that committed something itself (or in a
+        ``db.begin()`` nested in it) or called ``db.no_retry()``.
+    :param retry_body_limit: the bytes of a request body (its ``Content-Length``) read
+        before the first attempt, to hand to each one (default 1 MiB).
 
     ```python
     app = WSGISessionMiddleware(app, db)
@@ -105,8 +120,12 @@ class WSGISessionMiddleware:
         on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
         source: Source | None = None,
         retry_after: int = 1,
+        retries: int = 0,
+        retry_body_limit: int = _retry.DEFAULT_BODY_LIMIT,
     ) -> None:
         self.retry_after = _exhaustion.check_retry_after(retry_after)
+        self.retries = _retry.check_retries(retries)
+        self.retry_body_limit = _retry.check_body_limit(retry_body_limit)
         if db is None:
             # Imported here: the package imports this module while it builds 'db'.
             from .. import db as default_db
@@ -148,8 +167,87 @@ class WSGISessionMiddleware:
                 return response.settle_here(environ, raised, error)
         return False
 
+    def runs_again(self, error: BaseException) -> bool:
+        """Whether the request this middleware handles in the running code will be run
+        again for ``error``, a lost race its app caught and answers with a 5xx.
+
+        For a framework that turns an error into a 500 itself (Flask): ask before logging
+        it. True means the 5xx is discarded with the attempt, and the retry is logged.
+        """
+        binding = self.db.units.binding.get()
+        if isinstance(binding, _RequestBinding) and binding.owner is self:
+            response = binding.response
+            if response is not None:
+                return response.runs_again(error)
+        return False
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app inside a new unit of work; return an iterable that ends the unit."""
+        self._refuse_nesting()
+        if self.retries:
+            return self._retrying(environ, start_response)
+        response = _Response(self, environ, start_response)
+        binding = self.db.units.binding
+        # Set and reset in one call, so in one context: the reset cannot fail.
+        token = binding.set(response._binding)
+        try:
+            response._start(self.app)
+        except BaseException as error:
+            if not self._failed(response, error):
+                raise
+            return self.service_unavailable(environ, start_response)
+        finally:
+            binding.reset(token)
+        return response
+
+    def _retrying(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """``__call__``, running the app again while the request loses races."""
+        body, complete = _read_body(environ, self.retry_body_limit)
+        binding = self.db.units.binding
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            attempt_environ = dict(environ)
+            if body is not None:
+                attempt_environ["wsgi.input"] = io.BytesIO(body)
+            response = _Response(self, attempt_environ, start_response)
+            response._binding.attempt = attempt
+            response._binding.retries_left = attempt < attempts and complete
+            token = binding.set(response._binding)
+            try:
+                response._start(self.app)
+            except BaseException as error:
+                code = response._rerun or response.lost_race(error)
+                if not code:
+                    if not self._failed(response, error):
+                        raise
+                    return self.service_unavailable(environ, start_response)
+                logger.debug("The attempt's error, discarded with it", exc_info=error)
+                response._close()
+            else:
+                code = response._rerun
+                if not code:
+                    return response
+                response._close()
+            finally:
+                binding.reset(token)
+            method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
+            _retry.log_retry(f"The request '{method} {path}'", code, attempt, attempts)
+            time.sleep(_retry.backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns
+
+    def _failed(self, response: _Response, error: BaseException) -> bool:
+        """End the request whose app raised ``error``; whether a 503 answers it (the pool
+        had no connection for it), else the error propagates."""
+        busy = response._busy(error)
+        try:
+            response._close()
+        except Exception:
+            logger.warning("Closing the response of an app that raised failed", exc_info=True)
+        if busy:
+            response._report_busy()
+        return busy
+
+    def _refuse_nesting(self) -> None:
         outer = self.db.units.binding.get()
         if outer is not None and outer.handling_request():
             raise RuntimeError(
@@ -159,25 +257,6 @@ class WSGISessionMiddleware:
                 " for a Flask app, and a Flask app served inside 'SessionMiddleware' needs"
                 " no 'db.init_app' of its own."
             )
-        response = _Response(self, environ, start_response)
-        binding = self.db.units.binding
-        # Set and reset in one call, so in one context: the reset cannot fail.
-        token = binding.set(response._binding)
-        try:
-            response._start(self.app)
-        except BaseException as error:
-            busy = response._busy(error)
-            try:
-                response._close()
-            except Exception:
-                logger.warning("Closing the response of an app that raised failed", exc_info=True)
-            if not busy:
-                raise
-            response._report_busy()
-            return self.service_unavailable(environ, start_response)
-        finally:
-            binding.reset(token)
-        return response
 
 
 class _RequestBinding(Binding):
@@ -205,11 +284,13 @@ class _Response:
         "_iterable",
         "_iterator",
         "_late_error",
+        "_lost",
         "_middleware",
         "_on_commit_error",
         "_pending",
         "_replaced",
         "_replacement",
+        "_rerun",
         "_server_start",
         "_settled",
         "_status",
@@ -246,6 +327,10 @@ class _Response:
         # What a commit made by 'settle_here' after the status left raised, for the end.
         self._late_error: BaseException | None = None
         self._wrote = False  # whether the app called the write() callable
+        # A lost race the app answered with a 5xx (see runs_again), and the driver's code
+        # once this attempt is discarded for the request to run again.
+        self._lost: BaseException | None = None
+        self._rerun = ""
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
@@ -268,6 +353,13 @@ class _Response:
         self._binding.response = self
 
     def _start(self, app: WSGIApplication) -> None:
+        try:
+            self._call(app)
+        finally:
+            # Settled or not, the request cannot run again once the server has its response.
+            self._binding.stop_retries()
+
+    def _call(self, app: WSGIApplication) -> None:
         self._calling = True
         try:
             self._iterable = iterable = app(self._environ, self._start_response)
@@ -338,6 +430,11 @@ class _Response:
                 busy = _exhaustion.is_pool_timeout(error)
             else:
                 busy = unit.exhausted and not commit and (self._code or 500) >= 500
+            if error is not None or self._lost is not None:
+                self._rerun = self._lost_race(unit, error, commit)
+                if self._rerun:
+                    self._replace_with(_discarded)
+                    return
         if busy:
             self._report_busy()
             if error is not None or self._code != 503:
@@ -379,6 +476,36 @@ class _Response:
         if unit is not None and not unit.closed:
             self._late_error = self._units.end(unit, self._commits(), keep=True)
         return self._committed
+
+    def _lost_race(self, unit: Unit, error: BaseException | None, commit: bool) -> str:
+        """The driver's code if this attempt is discarded for the request to run again: its
+        commit lost a race, or the app answered a lost race with a 5xx (``runs_again``)."""
+        if error is None:
+            lost, self._lost = self._lost, None
+            if lost is None or commit or (self._code or 500) < 500:
+                if lost is not None:
+                    # Not run again after all (the status committed it, or a teardown stored
+                    # something): the error the app's log was spared is logged here.
+                    logger.error("The request lost a race; not run again.", exc_info=lost)
+                return ""
+            error = lost
+        return _retry.rerun_code(unit, error) or ""
+
+    def runs_again(self, error: BaseException) -> bool:
+        """See ``WSGISessionMiddleware.runs_again``."""
+        if self._settled or not isinstance(error, Exception):
+            return False
+        if _retry.rerun_code(self._binding.unit, error) is None:
+            return False
+        self._lost = error
+        return True
+
+    def lost_race(self, error: BaseException) -> str:
+        """The driver's code if ``error`` escaped the app, before its status left, for losing
+        a race that running the request again may win; else an empty string."""
+        if self._settled or not isinstance(error, Exception):
+            return ""
+        return _retry.rerun_code(self._binding.unit, error) or ""
 
     def _busy(self, error: BaseException) -> bool:
         """Whether the app raised ``error``, before its status left, for want of a connection."""
@@ -579,6 +706,30 @@ def _declared_length(headers: list[tuple[str, str]]) -> int:
 
 def _discard(data: bytes) -> None:
     return None
+
+
+def _discarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """The response of an attempt discarded for the request to run again: none."""
+    return ()
+
+
+def _read_body(environ: WSGIEnvironment, limit: int) -> tuple[bytes | None, bool]:
+    """The request body, read before the first attempt so that each attempt reads it again,
+    and whether it is whole. None: it is not kept (its length is unknown, or longer than
+    ``limit``): the app reads the server's stream, once."""
+    declared = str(environ.get("CONTENT_LENGTH") or "").strip()
+    if not declared:
+        # No length: no body (PEP 3333), unless the server says the stream ends by itself.
+        return (None, False) if environ.get("wsgi.input_terminated") else (b"", True)
+    try:
+        length = int(declared)
+    except ValueError:
+        return None, False
+    if length < 0 or length > limit:
+        return None, False
+    body = environ["wsgi.input"].read(length) if length else b""
+    # Short: the client left while sending it. The app gets what came, once.
+    return body, len(body) == length
 
 
 def _status_code(status: str) -> int | None:
