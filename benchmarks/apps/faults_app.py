@@ -131,10 +131,11 @@ class Answers:
             ledger.steps.pop(item_id, None)
 
 
-def build(url: str, mode: str) -> ASGIApp:
-    """The fault app for ``url``; ``mode`` is ``"sync"`` or ``"async"``."""
+def build(url: str, mode: str, *, pgbouncer: bool = False) -> ASGIApp:
+    """The fault app for ``url``; ``mode`` is ``"sync"`` or ``"async"``; ``pgbouncer``: the
+    URL is a PgBouncer's in transaction pooling mode (``Database(url, pgbouncer=True)``)."""
     use_sqlite_pragmas(url)
-    db: Database[Any] = Database(url)
+    db: Database[Any] = Database(url, pgbouncer=pgbouncer)
     ledger = Ledger()
 
     def stats(request: Request) -> dict[str, Any]:
