@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, overload
 
 from sqlalchemy import Connection, Engine
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from typing_extensions import TypeVar
 
-from . import _config, _exhaustion, _forks, _sqlite, _tracking
+from . import _config, _exhaustion, _forks, _replicas, _sqlite, _tracking
 from ._source import Source
 from ._sqlite import SqliteBegin
 from ._units import UnitRegistry, Units
@@ -126,6 +126,18 @@ class Database(Generic[SessionT]):
         first statement, so a read that turns into a write cannot fail with "database is
         locked"), ``BEGIN`` for every other unit; ``"deferred"``: always ``BEGIN``;
         ``"immediate"``: always ``BEGIN IMMEDIATE``.
+    :param replicas: read replicas of the database, as URLs (engines are created with the
+        same ``engine_options``, and ping their connections as they hand them out) or
+        engines of yours. A unit starts on one (in turn, among those reachable) when it is
+        a request with a safe method (GET, HEAD, OPTIONS, TRACE) or calls
+        ``db.use_replica()``, and moves to the primary, for good, at its first statement
+        that is not known to only read (a flush, INSERT, UPDATE, DELETE, ``SELECT ... FOR
+        UPDATE``, a ``text()`` that is not a plain SELECT) or at ``db.use_primary()``. A
+        replica that cannot be reached is left out for a few seconds; its unit reads from
+        the primary.
+    :param read_your_writes: seconds during which a client whose request committed a
+        write reads from the primary (a cookie set on the response), so that it sees what it
+        just saved; 0 sets no cookie. Only with ``replicas``.
 
     The driver decides between ``Session`` and ``AsyncSession``: ``sqlite+aiosqlite``,
     ``postgresql+asyncpg`` or ``mysql+aiomysql`` give an ``AsyncSession``.
@@ -180,6 +192,8 @@ class Database(Generic[SessionT]):
         session_options: Mapping[str, Any] | None = None,
         pgbouncer: bool = False,
         sqlite_begin: SqliteBegin = "auto",
+        replicas: Sequence[str | URL | Engine | AsyncEngine] = (),
+        read_your_writes: float = 15,
     ) -> None: ...
     def __init__(
         self,
@@ -191,6 +205,8 @@ class Database(Generic[SessionT]):
         session_options: Mapping[str, Any] | None = None,
         pgbouncer: bool = False,
         sqlite_begin: SqliteBegin = "auto",
+        replicas: Sequence[str | URL | Engine | AsyncEngine] = (),
+        read_your_writes: float = 15,
     ) -> None:
         given = [name for name, value in (("url", url), ("engine", engine),
                  ("session_factory", session_factory)) if value is not None]  # fmt: skip
@@ -217,6 +233,11 @@ class Database(Generic[SessionT]):
                 " an engine you pass keeps its own transaction handling."
             )
         self._sqlite_begin = _sqlite.check_mode(sqlite_begin, url)
+        self._replica_specs = _check_replicas(replicas, read_your_writes, named=bool(given))
+        self.read_your_writes = float(read_your_writes) if replicas else 0.0
+        """Seconds a client reads from the primary after a write (0: no cookie is set)."""
+        self._replicas: _replicas.Replicas | None = None
+        self._owned_replicas: list[Engine | AsyncEngine] = []
         if session_options and session_factory is not None:
             raise TypeError(
                 "'session_options' does not apply to a 'session_factory' you built;"
@@ -334,7 +355,42 @@ class Database(Generic[SessionT]):
         assert self._engine is not None
         if not self._owns_engine:
             self._prepare(self._engine, created=False)
+        if self._replica_specs and self._replicas is None:
+            self._replicas = self._make_replicas(self._engine)
         return factory
+
+    def _make_replicas(self, primary: Engine | AsyncEngine) -> _replicas.Replicas:
+        engines: list[Engine] = []
+        for spec in self._replica_specs:
+            if isinstance(spec, Engine | AsyncEngine):
+                engine = spec
+                if engine is primary or _sync(engine).dialect is _sync(primary).dialect:
+                    raise ValueError(
+                        "A replica is the primary's own engine: give each replica an engine"
+                        " (or a URL) of its own, or no 'replicas' at all."
+                    )
+                self._prepare(engine, created=False)
+            else:
+                options = {"pool_pre_ping": True, **self._engine_options}
+                engine = _config.make_engine(
+                    spec, options, embedded=False, pgbouncer=self._pgbouncer
+                )
+                self._owned_replicas.append(engine)
+                self._prepare(engine)
+            if isinstance(engine, AsyncEngine) != isinstance(primary, AsyncEngine):
+                kind = "an async" if isinstance(primary, AsyncEngine) else "a synchronous"
+                raise TypeError(
+                    f"The replica {_config.safe_url(engine.url)!r} does not use {kind} driver"
+                    " as the primary does: give every replica the primary's driver (for"
+                    " example 'postgresql+asyncpg://' beside an asyncpg primary)."
+                )
+            engines.append(_sync(engine))
+        return _replicas.Replicas(engines)
+
+    @property
+    def reads_replicas(self) -> bool:
+        """Whether this database has read replicas (``replicas=``)."""
+        return bool(self._replica_specs)
 
     def _prepare(self, engine: Engine | AsyncEngine, created: bool = True) -> None:
         """What every engine of this database gets; ``created``: one sessionscope made."""
@@ -371,7 +427,15 @@ class Database(Generic[SessionT]):
         isolation = self.units.isolation
         if isolation is not None:
             return isolation.session(unit, factory)
-        return factory()
+        session = factory()
+        replicas = self._replicas
+        if replicas is not None:
+            unit.routed = True
+            if unit.reads_replica:
+                unit.replica = replicas.pick()
+            sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+            _replicas.route(sync_session, unit, replicas)
+        return session
 
     def add_source(
         self,
@@ -593,6 +657,42 @@ class Database(Generic[SessionT]):
             unit.no_retry = True
             unit = unit.parent
 
+    def use_primary(self) -> None:
+        """Run the rest of the current unit on the primary, reads included.
+
+        For a unit that started on a read replica (a GET, say) and must see the latest
+        data, or run something the routing cannot tell is a write (a function called in a
+        SELECT, a SELECT whose CTE writes). It stays on the primary to its end.
+        """
+        unit = self.units.current()
+        unit.reads_replica = False
+        unit.replica = None
+
+    def use_replica(self) -> None:
+        """Let the current unit read from a read replica until it writes.
+
+        For a ``db.begin()`` block, a job or a request with an unsafe method that mostly
+        reads. Call it before the unit's first statement; a database without ``replicas``
+        refuses it.
+        """
+        replicas = self._replicas
+        if not self._replica_specs:
+            raise RuntimeError(
+                f"{self!r} has no read replicas: give 'Database(..., replicas=[...])'."
+            )
+        unit = self.units.current()
+        session = self.units.sessions.get(unit.key)
+        if session is not None:
+            sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+            if sync_session.in_transaction():
+                raise RuntimeError(
+                    "'db.use_replica()' came after the unit's first statement: its transaction"
+                    " is on the primary already. Call it before the unit uses 'db.session'."
+                )
+            if replicas is not None:
+                unit.replica = replicas.pick()
+        unit.reads_replica = True
+
     def _begin(self) -> SyncBegin | AsyncBegin:
         from ._begin import AsyncBegin, SyncBegin
 
@@ -609,6 +709,12 @@ class Database(Generic[SessionT]):
         """
         for source in list(self._sources):
             source.dispose()
+        for replica in self._owned_replicas:
+            if isinstance(replica, AsyncEngine):
+                raise TypeError(
+                    "This database uses an async driver; use 'await db.dispose_async()'."
+                )
+            replica.dispose()
         if not self._owns_engine or self._engine is None:
             return
         if isinstance(self._engine, AsyncEngine):
@@ -619,9 +725,41 @@ class Database(Generic[SessionT]):
         """Close the pooled connections of the engines this ``Database`` created (any driver)."""
         for source in list(self._sources):
             source.dispose()
-        if not self._owns_engine or self._engine is None:
-            return
-        if isinstance(self._engine, AsyncEngine):
-            await self._engine.dispose()
-        else:
-            self._engine.dispose()
+        if self._owns_engine and self._engine is not None:
+            if isinstance(self._engine, AsyncEngine):
+                await self._engine.dispose()
+            else:
+                self._engine.dispose()
+        for replica in self._owned_replicas:
+            if isinstance(replica, AsyncEngine):
+                await replica.dispose()
+            else:
+                replica.dispose()
+
+
+def _check_replicas(
+    replicas: Sequence[str | URL | Engine | AsyncEngine], read_your_writes: float, named: bool
+) -> tuple[str | URL | Engine | AsyncEngine, ...]:
+    """``replicas`` as given, once checked."""
+    if isinstance(replicas, str | URL | Engine | AsyncEngine):
+        raise TypeError(
+            "'replicas' is a list of URLs or engines: write 'replicas=[url]' for one replica."
+        )
+    specs = tuple(replicas)
+    if isinstance(read_your_writes, bool) or not isinstance(read_your_writes, int | float):
+        raise TypeError(f"'read_your_writes' is a number of seconds, not {read_your_writes!r}.")
+    if read_your_writes < 0:
+        raise ValueError(f"'read_your_writes' must be 0 or more seconds, not {read_your_writes}.")
+    if specs and not named:
+        raise TypeError(
+            "'replicas' needs the primary named: give the Database its URL, engine or"
+            " session factory as well."
+        )
+    for spec in specs:
+        if not isinstance(spec, str | URL | Engine | AsyncEngine):
+            raise TypeError(f"A replica is a URL or an engine, not {spec!r}.")
+    return specs
+
+
+def _sync(engine: Engine | AsyncEngine) -> Engine:
+    return engine.sync_engine if isinstance(engine, AsyncEngine) else engine

@@ -141,6 +141,18 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
     logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
 
 
+def _note_stored(session: Session, unit: Unit) -> None:
+    # With read replicas: a write stored by the unit, or by a unit nested in it, sends the
+    # request's client to the primary for a while (see _replicas).
+    root = session.get_transaction()
+    if root is None or not _tracking.wrote(root.connections):
+        return
+    stored: Unit | None = unit
+    while stored is not None:
+        stored.stored = True
+        stored = stored.parent
+
+
 def rollback_session(session: Session) -> None:
     """Roll back ``session`` and keep it open; a failure is logged, ``close()`` ends it."""
     try:
@@ -339,6 +351,8 @@ def _committed(session: Session) -> None:
         # Stored by a unit of its own: running the outer unit again would store it twice.
         outer.no_retry = True
         outer = outer.parent
+    if unit.routed:
+        _note_stored(session, unit)
     if unit.callbacks is None:
         return
     if unit.ready is None:

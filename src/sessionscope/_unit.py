@@ -36,10 +36,14 @@ class Unit:
         "key",
         "no_retry",
         "parent",
+        "reads_replica",
         "ready",
+        "replica",
         "retries_left",
         "rollback_only",
+        "routed",
         "source",
+        "stored",
         "streaming",
         "writes",
     )
@@ -75,6 +79,15 @@ class Unit:
         self.attempt = 1
         self.retries_left = False
         self.no_retry = False
+        # Read replicas (see _replicas): whether the unit starts on one (a request with a
+        # safe method, or 'db.use_replica()'), the one its reads go to until it writes
+        # (None: the primary), whether its sessions are routed (its database has
+        # replicas), and whether a commit of it, or of a unit nested in it, stored a write
+        # (its client then reads from the primary for a while).
+        self.reads_replica = False
+        self.replica: Engine | None = None
+        self.routed = False
+        self.stored = False
         # After-commit callbacks: those waiting for a commit, and those whose commit
         # succeeded (ours, or one the app made itself), to run when the unit settles.
         self.callbacks: list[Callable[[], object]] | None = None
@@ -97,6 +110,7 @@ class Binding:
     __slots__ = (
         "attempt",
         "owner",
+        "reads_replica",
         "renewable",
         "retries_left",
         "source",
@@ -130,6 +144,9 @@ class Binding:
         # middleware that runs a request again sets them per attempt.
         self.attempt = 1
         self.retries_left = False
+        # Whether a unit opened through this binding starts on a read replica (a request
+        # with a safe method whose client did not just write: see _replicas).
+        self.reads_replica = False
 
     def stop_retries(self) -> None:
         """The work running through this binding can no longer be run again (its body is

@@ -130,6 +130,7 @@ class Units:
                 )
                 unit.attempt = binding.attempt
                 unit.retries_left = binding.retries_left
+                unit.reads_replica = binding.reads_replica
             if unit is None or unit.closed:
                 self.raise_no_unit(binding)
             return unit

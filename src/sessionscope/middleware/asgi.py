@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import _exhaustion, _retry
+from .. import _exhaustion, _replicas, _retry
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from .._unit import SAFE_METHODS, Binding, Unit, default_commit_on
 
@@ -133,6 +133,13 @@ class SessionMiddleware:
         self.commit_in_thread = commit_in_thread
         self.inline = not commit_in_thread
         self.retry_after = retry_after
+        # Read replicas: whether requests with a safe method start on one, and the cookie
+        # that sends a client to the primary for a while after its request wrote.
+        self.reads_replicas = db.reads_replicas
+        self.primary_cookie: tuple[bytes, bytes] | None = None
+        if db.read_your_writes:
+            value = _replicas.cookie_header(db.read_your_writes)
+            self.primary_cookie = (b"set-cookie", value.encode())
         self._busy_headers = [
             *((name.encode(), value.encode()) for name, value in _exhaustion.HEADERS),
             (b"retry-after", str(retry_after).encode()),
@@ -444,6 +451,14 @@ async def _nothing() -> None:
     return None
 
 
+def _wrote_recently(scope: Scope) -> bool:
+    """Whether the request carries the cookie set after its client's last write."""
+    for name, value in scope.get("headers", ()):
+        if name == b"cookie" and _replicas.wrote_recently(value):
+            return True
+    return False
+
+
 def _declared_length(start: Message) -> int:
     """The ``content-length`` a response start declared, or -1."""
     for name, value in start.get("headers", ()):
@@ -497,6 +512,9 @@ class _Exchange:
         binding.answered = False
         binding.attempt = 1
         binding.retries_left = False
+        binding.reads_replica = (
+            middleware.reads_replicas and not binding.writes and not _wrote_recently(scope)
+        )
         self.middleware = middleware
         self.scope = scope
         self.receive = receive
@@ -546,6 +564,7 @@ class _Exchange:
         binding.streaming = False
         binding.writes = False  # work after the response is not the request's write
         binding.retries_left = False
+        binding.reads_replica = False  # nor a request's read: it runs on the primary
 
     def _body(self, message: Message) -> Awaitable[None]:
         """A body message that is not the final one.
@@ -612,6 +631,11 @@ class _Exchange:
         if error is None:
             # What the stream writes from now on cannot be run again (see _retrying).
             unit.retries_left = self.binding.retries_left = False
+            cookie = middleware.primary_cookie
+            if cookie is not None and unit.stored:
+                # The client's next requests read from the primary for a while: it sees
+                # what it just saved, whatever the replicas' lag.
+                start = {**start, "headers": [*start.get("headers", ()), cookie]}
             if unit.exhausted and self.status >= 500 and not commit:
                 # The pool had no connection for it: a 503 of the app's own stands.
                 if self.status != 503:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from .. import _exhaustion, _retry
+from .. import _exhaustion, _replicas, _retry
 from .._unit import SAFE_METHODS, Binding, default_commit_on
 
 if TYPE_CHECKING:
@@ -137,6 +137,12 @@ class WSGISessionMiddleware:
         self.on_commit_error = on_commit_error or internal_server_error
         self.source = source
         self.service_unavailable = service_unavailable(retry_after)
+        # Read replicas: whether requests with a safe method start on one, and the cookie
+        # that sends a client to the primary for a while after its request wrote.
+        self.reads_replicas = db.reads_replicas
+        self.primary_cookie: str | None = None
+        if db.read_your_writes:
+            self.primary_cookie = _replicas.cookie_header(db.read_your_writes)
 
     def settle_here(
         self,
@@ -351,6 +357,11 @@ class _Response:
             writes=environ.get("REQUEST_METHOD", "GET") not in SAFE_METHODS,
         )
         self._binding.response = self
+        self._binding.reads_replica = (
+            middleware.reads_replicas
+            and not self._binding.writes
+            and not _replicas.wrote_recently(environ.get("HTTP_COOKIE"))
+        )
 
     def _start(self, app: WSGIApplication) -> None:
         try:
@@ -435,6 +446,10 @@ class _Response:
                 if self._rerun:
                     self._replace_with(_discarded)
                     return
+            cookie = self._middleware.primary_cookie
+            if cookie is not None and unit.stored:
+                # The client's next requests read from the primary for a while.
+                self._headers = [*self._headers, ("Set-Cookie", cookie)]
         if busy:
             self._report_busy()
             if error is not None or self._code != 503:
