@@ -51,6 +51,8 @@ class _Begin:
             parent = units.current()
         # Nested in an app's unit, it connects where that unit does.
         unit = self._unit = units.open(source=units.source(), parent=parent)
+        if parent is None and outer is not None:
+            unit.opened_in = outer  # see Binding.stored_inside
         # A plain 'db.begin()' is part of the attempt of the unit it is nested in.
         unit.attempt = self._attempt or (parent.attempt if parent is not None else 1)
         unit.retries_left = self._retries_left
@@ -63,7 +65,7 @@ class _Begin:
         unit = self._unit
         if unit is None or unit.commits or unit.no_retry:
             return None
-        return retry_code(error)
+        return retry_code(error, self._db.uses_engine)
 
     def _close_binding(self) -> None:
         assert self._token is not None

@@ -387,6 +387,16 @@ class Database(Generic[SessionT]):
             engines.append(_sync(engine))
         return _replicas.Replicas(engines)
 
+    def uses_engine(self, engine: Engine) -> bool:
+        """Whether ``engine`` (a sync engine: an async one's ``sync_engine``) is one this
+        database's units connect to: its own, an app's (``add_source``), a replica."""
+        own = self._engine
+        if own is not None and engine is _sync(own):
+            return True
+        if self._replicas is not None and engine in self._replicas.engines:
+            return True
+        return any(source.built_engine is engine for source in list(self._sources))
+
     @property
     def reads_replicas(self) -> bool:
         """Whether this database has read replicas (``replicas=``)."""

@@ -36,7 +36,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COOKIE",
     "Replicas",
+    "committing",
     "cookie_header",
     "ends_quietly",
     "reads",
@@ -127,6 +128,11 @@ class Replicas:
             type(error.orig if isinstance(error, DBAPIError) else error).__name__,
             DOWN_FOR,
         )
+
+
+def committing(connections: Iterable[Connection]) -> list[Connection]:
+    """``connections`` but for the read transactions the routing joined on replicas."""
+    return [connection for connection in connections if not connection.info.get(_READS)]
 
 
 def _forget(dbapi_connection: Any, record: Any) -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 
 if TYPE_CHECKING:
@@ -46,18 +49,49 @@ _LAST_BOUND = 1.0
 # The request body a middleware keeps to hand to another attempt, in bytes.
 DEFAULT_BODY_LIMIT = 1024 * 1024
 
+# Set on a database error as it is raised: the engine it came from, and whether its
+# connection committed each statement at once (AUTOCOMMIT: a unit that ran one stored it).
+_ORIGIN = "sessionscope_origin"
 
-def rerun_code(unit: Unit | None, error: BaseException) -> str | None:
+Ours = Callable[[Engine], bool]
+
+
+@event.listens_for(Engine, "handle_error")
+def _note_origin(context: ExceptionContext) -> None:
+    # On the Engine class: class-level handlers run before an app's own (which may raise a
+    # translated error and end the chain), and cost nothing until an error.
+    error = context.sqlalchemy_exception
+    if isinstance(error, DBAPIError) and context.engine is not None:
+        connection = context.connection
+        autocommit = connection is not None and _autocommits(connection)
+        setattr(error, _ORIGIN, (context.engine, autocommit))
+
+
+def _autocommits(connection: Connection) -> bool:
+    level = connection.get_execution_options().get("isolation_level")
+    if level is None:
+        # 'create_engine(isolation_level=...)' is kept by the dialect, which gives it no
+        # public reader.
+        level = getattr(connection.dialect, "_on_connect_isolation_level", None)
+    return level == "AUTOCOMMIT"
+
+
+def rerun_code(unit: Unit | None, error: BaseException, ours: Ours | None = None) -> str | None:
     """The driver's code if ``unit`` failed with ``error`` for losing a race and will run
-    again: runs remain for it, and nothing of it (nor of a unit nested in it) was stored."""
+    again: runs remain for it, and nothing of it (nor of a unit nested in it) was stored.
+
+    :param ours: whether an engine is one of the unit's database (an error of another
+        database's, which may have stored something, is not this unit's race); None: the
+        error came from the unit's own session.
+    """
     if unit is None or not unit.retries_left or unit.no_retry or unit.commits:
         return None
-    return retry_code(error)
+    return retry_code(error, ours)
 
 
-def retry_code(error: BaseException) -> str | None:
-    """The driver's code if ``error`` (or what it was raised from) lost a race that running
-    the unit again may win, for the log; else None."""
+def retry_code(error: BaseException, ours: Ours | None = None) -> str | None:
+    """The driver's code if ``error`` (or what it was raised from, or every error of a group
+    of them) lost a race that running the unit again may win, for the log; else None."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -65,6 +99,10 @@ def retry_code(error: BaseException) -> str | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        if isinstance(current, BaseExceptionGroup):
+            # Tasks of the app's own (a task group) that all lost races.
+            codes = [retry_code(inner, ours) for inner in current.exceptions]
+            return codes[0] if all(codes) else None
         if not isinstance(current, DBAPIError):
             # Raised from a lost race ('raise ... from'); an error merely met while handling
             # one (a bug in the app's fallback) is not run again.
@@ -72,6 +110,11 @@ def retry_code(error: BaseException) -> str | None:
             continue
         if current.connection_invalidated:
             return None  # a disconnect: during a COMMIT its outcome is unknown
+        origin: tuple[Engine, bool] | None = getattr(current, _ORIGIN, None)
+        if origin is not None and origin[1]:
+            return None  # each statement was committed as it ran
+        if ours is not None and (origin is None or not ours(origin[0])):
+            return None  # another database's race
         code = _code_of(current.orig)
         if code is not None:
             return code

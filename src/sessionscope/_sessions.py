@@ -19,7 +19,7 @@ from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _exhaustion, _forks, _streams, _tracking
+from . import _exhaustion, _forks, _replicas, _streams, _tracking
 from ._retry import rerun_code
 from ._unit import Cancel, Unit
 
@@ -115,6 +115,10 @@ def commit_session(session: Session, cancel: Cancel | None = None) -> BaseExcept
         cancel.committing = True
     unit = _units.get(session)
     commits = unit.commits if unit is not None else 0
+    if unit is not None and unit.retries_left and _commits_many(root):
+        # One COMMIT per connection, in no set order: a failed one may follow one that
+        # succeeded, so the unit is not run again (nor is its failure spared the log).
+        unit.no_retry = True
     try:
         session.commit()
     except Exception as exc:
@@ -139,6 +143,10 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
     if rerun_code(unit, error) is not None:
         return  # run again, and logged once as such (see _retry)
     logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
+
+
+def _commits_many(root: SessionTransaction | None) -> bool:
+    return root is not None and len(_replicas.committing(root.connections)) > 1
 
 
 def _note_stored(session: Session, unit: Unit) -> None:
@@ -351,6 +359,10 @@ def _committed(session: Session) -> None:
         # Stored by a unit of its own: running the outer unit again would store it twice.
         outer.no_retry = True
         outer = outer.parent
+    if unit.opened_in is not None:
+        # A unit opened by a request's code after its own unit ended (a 'db.begin()' in a
+        # dependency's cleanup, say): the request must not run again either.
+        unit.opened_in.stored_inside = True
     if unit.routed:
         _note_stored(session, unit)
     if unit.callbacks is None:

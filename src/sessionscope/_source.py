@@ -60,6 +60,11 @@ class Source:
         self._prepare = prepare
 
     @property
+    def built_engine(self) -> Engine | None:
+        """The engine if it was created, else None (reading this creates nothing)."""
+        return self._engine
+
+    @property
     def engine(self) -> Engine:
         """The engine; created on first use."""
         return self.factory().kw["bind"]  # type: ignore[no-any-return]

@@ -35,6 +35,7 @@ class Unit:
         "holds",
         "key",
         "no_retry",
+        "opened_in",
         "parent",
         "reads_replica",
         "ready",
@@ -58,8 +59,11 @@ class Unit:
         self.key = next(_tokens)
         # Expected to write: a request whose method is not a safe one (see _sqlite).
         self.writes = writes
-        # The unit this one was opened in (a 'db.begin()' block inside a request), if any.
+        # The unit this one was opened in (a 'db.begin()' block inside a request), if any;
+        # else the binding of the request whose code opened it after the request's own
+        # unit ended, if any (see Binding.stored_inside).
         self.parent = parent
+        self.opened_in: Binding | None = None
         # Where the unit's session connects: None for the database's own engine.
         self.source = source
         self.rollback_only = False
@@ -114,6 +118,7 @@ class Binding:
         "renewable",
         "retries_left",
         "source",
+        "stored_inside",
         "streaming",
         "unit",
         "writes",
@@ -144,6 +149,9 @@ class Binding:
         # middleware that runs a request again sets them per attempt.
         self.attempt = 1
         self.retries_left = False
+        # A unit the running code opened after this binding's own unit ended committed: the
+        # request stored something, and must not run again.
+        self.stored_inside = False
         # Whether a unit opened through this binding starts on a read replica (a request
         # with a safe method whose client did not just write: see _replicas).
         self.reads_replica = False

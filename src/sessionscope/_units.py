@@ -129,7 +129,8 @@ class Units:
                     binding.streaming, binding.source, writes=binding.writes
                 )
                 unit.attempt = binding.attempt
-                unit.retries_left = binding.retries_left
+                # Opened while the response streams: its commit comes too late to run again.
+                unit.retries_left = binding.retries_left and not binding.streaming
                 unit.reads_replica = binding.reads_replica
             if unit is None or unit.closed:
                 self.raise_no_unit(binding)

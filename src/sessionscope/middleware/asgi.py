@@ -208,14 +208,17 @@ class SessionMiddleware:
             try:
                 await self.app(exchange.scope, exchange.receive, exchange.send)
             except BaseException as error:
-                # A cancellation or an exit ends the request, whatever the attempt met.
-                code = (
-                    (exchange.rerun or exchange.lost_race(error))
-                    if isinstance(error, Exception)
-                    else ""
-                )
+                code = ""
+                if isinstance(error, Exception):  # a cancellation or an exit ends it all
+                    code = exchange.rerun or exchange.lost_race(error)
                 busy = not code and exchange.state == _BEFORE and self._busy(error)
+                stored = exchange.stored_since()
                 await self._end_request(exchange, token, failed=True)
+                if code and (stored or await replay.client_left()):
+                    if exchange.rerun:
+                        await self._not_run_again(exchange, receive, send)
+                        return
+                    raise  # the lost race escaped the app: as without retries
                 if code:
                     logger.debug("The attempt's error, discarded with it", exc_info=error)
                 elif not busy:
@@ -227,13 +230,30 @@ class SessionMiddleware:
             else:
                 binding.renewable = False
                 code = exchange.rerun
+                stored = exchange.stored_since()
                 await self._end_request(exchange, token, failed=bool(code))
+                if code and (stored or await replay.client_left()):
+                    await self._not_run_again(exchange, receive, send)
+                    return
             if not code:
                 return
             _retry.log_retry(
                 f"The request '{scope['method']} {scope['path']}'", code, attempt, attempts
             )
             await anyio.sleep(_retry.backoff(attempt))
+
+    async def _not_run_again(self, exchange: _Exchange, receive: Receive, send: Send) -> None:
+        """The attempt's commit lost a race, but the request is not run again after all: its
+        code stored something since (a cleanup's 'db.begin()'), or its client left. Nothing
+        was sent: the client gets the usual answer to a failed commit."""
+        error = exchange.rerun_error
+        assert error is not None
+        logger.error(
+            "Commit failed; the unit of work was rolled back. The request is not run again:"
+            " its code stored something since, or its client left.",
+            exc_info=error,
+        )
+        await self._send_failure(error, exchange.scope, receive, send)
 
     async def _end_request(
         self, exchange: _Exchange, token: Token[Binding | None], failed: bool
@@ -386,7 +406,7 @@ class _Replay:
     nothing more is kept and the running attempt is the last.
     """
 
-    __slots__ = ("_receive", "binding", "kept", "limit", "messages", "size")
+    __slots__ = ("_receive", "binding", "complete", "kept", "limit", "messages", "size")
 
     def __init__(self, receive: Receive, limit: int) -> None:
         self._receive = receive
@@ -394,6 +414,7 @@ class _Replay:
         self.size = 0
         self.limit = limit
         self.kept = True
+        self.complete = False  # the whole body is kept
         self.binding: Binding | None = None
 
     def receiver(self) -> Receive:
@@ -412,11 +433,25 @@ class _Replay:
 
         return receive
 
+    async def client_left(self) -> bool:
+        """Whether the client is known to have left (asked of the server without waiting,
+        as Starlette's ``is_disconnected`` does); only once the whole body is kept, so that
+        asking cannot take a body message from the next attempt."""
+        if not self.kept or not self.complete:
+            return not self.kept  # not kept: a disconnect (or a body too long) was seen
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return True
+        return False
+
     def _keep(self, message: Message) -> None:
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             if self.size <= self.limit:
                 self.messages.append(message)
+                self.complete = not message.get("more_body", False)
                 return
         # Too long to keep, or the client left: this attempt is the last.
         self.kept = False
@@ -486,6 +521,7 @@ class _Exchange:
         "middleware",
         "receive",
         "rerun",
+        "rerun_error",
         "scope",
         "start",
         "state",
@@ -512,6 +548,7 @@ class _Exchange:
         binding.answered = False
         binding.attempt = 1
         binding.retries_left = False
+        binding.stored_inside = False
         binding.reads_replica = (
             middleware.reads_replicas and not binding.writes and not _wrote_recently(scope)
         )
@@ -525,6 +562,7 @@ class _Exchange:
         # Set when this attempt's commit lost a race and the request runs again: the
         # driver's code, for the log.
         self.rerun = ""
+        self.rerun_error: BaseException | None = None
 
     def send(self, message: Message) -> Awaitable[None]:
         state = self.state
@@ -654,15 +692,24 @@ class _Exchange:
             # (Starlette's background tasks run after this send returns); the request runs
             # again (see _retrying).
             self.rerun = code
+            self.rerun_error = error
             raise _Rerun(code)
         await middleware._send_failure(error, self.scope, self.receive, self._server_send)
 
     def lost_race(self, error: BaseException) -> str:
         """The driver's code if ``error`` escaped the app before its start, for losing a race
         that running the request again may win; else an empty string."""
-        if self.state != _BEFORE:
+        if self.state != _BEFORE or self.binding.stored_inside:
             return ""
-        return _retry.rerun_code(self.binding.unit, error) or ""
+        ours = self.middleware.db.uses_engine
+        return _retry.rerun_code(self.binding.unit, error, ours) or ""
+
+    def stored_since(self) -> bool:
+        """Whether the attempt's code stored something after its unit's race was lost: in a
+        unit of its own ('db.begin()' in a cleanup), or in a unit the binding opened anew."""
+        unit = self.binding.unit
+        late = unit is not None and bool(unit.commits or unit.no_retry)
+        return self.binding.stored_inside or late
 
     async def _replace_busy(self, unit: Unit) -> None:
         """Our 503 replaces the app's response, as our 500 does in ``_start``."""

@@ -222,7 +222,10 @@ class WSGISessionMiddleware:
             try:
                 response._start(self.app)
             except BaseException as error:
-                code = response._rerun or response.lost_race(error)
+                # A cancellation or an exit ends the request, whatever the attempt met.
+                code = response._rerun if isinstance(error, Exception) else ""
+                if code and response._binding.stored_inside:
+                    code = ""  # its code stored something since: see _stored_since
                 if not code:
                     if not self._failed(response, error):
                         raise
@@ -231,6 +234,8 @@ class WSGISessionMiddleware:
                 response._close()
             else:
                 code = response._rerun
+                if code and response._binding.stored_inside:
+                    return self._stored_since(response, environ, start_response)
                 if not code:
                     return response
                 response._close()
@@ -240,6 +245,27 @@ class WSGISessionMiddleware:
             _retry.log_retry(f"The request '{method} {path}'", code, attempt, attempts)
             time.sleep(_retry.backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns
+
+    def _stored_since(
+        self, response: _Response, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """The attempt lost a race, then code of the app's stored something in a unit of its
+        own (a teardown's 'db.begin()'): it is not run again, and answers as its failure."""
+        error = response._rerun_error
+        logger.error(
+            "The request lost a race, and is not run again: its code stored something"
+            " since, in a unit of its own.",
+            exc_info=error,
+        )
+        response._close()
+        try:
+            replacement = self.on_commit_error(error) if error is not None else None
+        except Exception:
+            logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
+            replacement = None
+        if replacement is None:
+            replacement = internal_server_error(RuntimeError("lost race"))
+        return replacement(environ, start_response)
 
     def _failed(self, response: _Response, error: BaseException) -> bool:
         """End the request whose app raised ``error``; whether a 503 answers it (the pool
@@ -297,6 +323,7 @@ class _Response:
         "_replaced",
         "_replacement",
         "_rerun",
+        "_rerun_error",
         "_server_start",
         "_settled",
         "_status",
@@ -337,6 +364,7 @@ class _Response:
         # once this attempt is discarded for the request to run again.
         self._lost: BaseException | None = None
         self._rerun = ""
+        self._rerun_error: BaseException | None = None
         self._iterable: Iterable[bytes] = ()
         self._replacement: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] = iter(())
@@ -366,6 +394,12 @@ class _Response:
     def _start(self, app: WSGIApplication) -> None:
         try:
             self._call(app)
+        except BaseException as error:
+            if not self._rerun:
+                # Read before the retries stop: a lost race that escaped the app.
+                self._rerun = self.lost_race(error)
+                self._rerun_error = error
+            raise
         finally:
             # Settled or not, the request cannot run again once the server has its response.
             self._binding.stop_retries()
@@ -442,6 +476,7 @@ class _Response:
             else:
                 busy = unit.exhausted and not commit and (self._code or 500) >= 500
             if error is not None or self._lost is not None:
+                self._rerun_error = error or self._lost
                 self._rerun = self._lost_race(unit, error, commit)
                 if self._rerun:
                     self._replace_with(_discarded)
@@ -495,22 +530,25 @@ class _Response:
     def _lost_race(self, unit: Unit, error: BaseException | None, commit: bool) -> str:
         """The driver's code if this attempt is discarded for the request to run again: its
         commit lost a race, or the app answered a lost race with a 5xx (``runs_again``)."""
-        if error is None:
-            lost, self._lost = self._lost, None
-            if lost is None or commit or (self._code or 500) < 500:
-                if lost is not None:
-                    # Not run again after all (the status committed it, or a teardown stored
-                    # something): the error the app's log was spared is logged here.
-                    logger.error("The request lost a race; not run again.", exc_info=lost)
-                return ""
-            error = lost
-        return _retry.rerun_code(unit, error) or ""
+        lost, self._lost = self._lost, None
+        code = ""
+        if error is not None:
+            code = _retry.rerun_code(unit, error) or ""
+        elif lost is not None and not commit and (self._code or 500) >= 500:
+            code = _retry.rerun_code(unit, lost, self._middleware.db.uses_engine) or ""
+        if self._binding.stored_inside:
+            code = ""
+        if not code and lost is not None:
+            # Not run again after all (the status committed it, or the app's code stored
+            # something): the error the app's log was spared is logged here.
+            logger.error("The request lost a race; it is not run again.", exc_info=lost)
+        return code
 
     def runs_again(self, error: BaseException) -> bool:
         """See ``WSGISessionMiddleware.runs_again``."""
-        if self._settled or not isinstance(error, Exception):
+        if self._settled or not isinstance(error, Exception) or self._binding.stored_inside:
             return False
-        if _retry.rerun_code(self._binding.unit, error) is None:
+        if _retry.rerun_code(self._binding.unit, error, self._middleware.db.uses_engine) is None:
             return False
         self._lost = error
         return True
@@ -518,9 +556,9 @@ class _Response:
     def lost_race(self, error: BaseException) -> str:
         """The driver's code if ``error`` escaped the app, before its status left, for losing
         a race that running the request again may win; else an empty string."""
-        if self._settled or not isinstance(error, Exception):
+        if self._settled or not isinstance(error, Exception) or self._binding.stored_inside:
             return ""
-        return _retry.rerun_code(self._binding.unit, error) or ""
+        return _retry.rerun_code(self._binding.unit, error, self._middleware.db.uses_engine) or ""
 
     def _busy(self, error: BaseException) -> bool:
         """Whether the app raised ``error``, before its status left, for want of a connection."""
@@ -728,14 +766,43 @@ def _discarded(environ: WSGIEnvironment, start_response: StartResponse) -> Itera
     return ()
 
 
+class _Joined(io.RawIOBase):
+    """A request body of which ``head`` was read already: it, then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        super().__init__()
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            size = min(len(buffer), len(self._head))
+            buffer[:size] = self._head[:size]
+            self._head = self._head[size:]
+            return size
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def _read_body(environ: WSGIEnvironment, limit: int) -> tuple[bytes | None, bool]:
     """The request body, read before the first attempt so that each attempt reads it again,
     and whether it is whole. None: it is not kept (its length is unknown, or longer than
     ``limit``): the app reads the server's stream, once."""
     declared = str(environ.get("CONTENT_LENGTH") or "").strip()
     if not declared:
-        # No length: no body (PEP 3333), unless the server says the stream ends by itself.
-        return (None, False) if environ.get("wsgi.input_terminated") else (b"", True)
+        # No length: no body (PEP 3333), unless the server says the stream ends by itself
+        # (a chunked body; gunicorn says so of every request).
+        if not environ.get("wsgi.input_terminated"):
+            return b"", True
+        head = environ["wsgi.input"].read(limit + 1)
+        if len(head) <= limit:
+            return head, True
+        environ["wsgi.input"] = io.BufferedReader(_Joined(head, environ["wsgi.input"]))
+        return None, False
     try:
         length = int(declared)
     except ValueError:
