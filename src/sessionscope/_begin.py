@@ -51,7 +51,7 @@ class _Begin:
             parent = units.current()
         # Nested in an app's unit, it connects where that unit does.
         unit = self._unit = units.open(source=units.source(), parent=parent)
-        if parent is None and outer is not None:
+        if outer is not None:
             unit.opened_in = outer  # see Binding.stored_inside
         # A plain 'db.begin()' is part of the attempt of the unit it is nested in.
         unit.attempt = self._attempt or (parent.attempt if parent is not None else 1)

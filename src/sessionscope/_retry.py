@@ -49,22 +49,32 @@ _LAST_BOUND = 1.0
 # The request body a middleware keeps to hand to another attempt, in bytes.
 DEFAULT_BODY_LIMIT = 1024 * 1024
 
-# Set on a database error as it is raised: the engine it came from, and whether its
-# connection committed each statement at once (AUTOCOMMIT: a unit that ran one stored it).
+# Set on a database error as it is raised (SQLAlchemy's, and the driver's it wraps): the
+# engine it came from, and whether its connection committed each statement at once
+# (AUTOCOMMIT: a unit that ran one stored it).
 _ORIGIN = "sessionscope_origin"
+
+# Set by a middleware in the request's scope or environ once its unit stored something: a
+# middleware of another database around it must not run the request again.
+STORED = "sessionscope.stored"
 
 Ours = Callable[[Engine], bool]
 
 
-@event.listens_for(Engine, "handle_error")
+@event.listens_for(Engine, "handle_error", insert=True)
 def _note_origin(context: ExceptionContext) -> None:
-    # On the Engine class: class-level handlers run before an app's own (which may raise a
-    # translated error and end the chain), and cost nothing until an error.
+    # On the Engine class, first: it runs before an app's own handlers (which may raise a
+    # translated error 'from' the driver's, and end the chain), and costs nothing until an
+    # error.
     error = context.sqlalchemy_exception
     if isinstance(error, DBAPIError) and context.engine is not None:
         connection = context.connection
-        autocommit = connection is not None and _autocommits(connection)
-        setattr(error, _ORIGIN, (context.engine, autocommit))
+        origin = (context.engine, connection is not None and _autocommits(connection))
+        for raised in (error, context.original_exception):
+            try:
+                setattr(raised, _ORIGIN, origin)
+            except (AttributeError, TypeError):  # an exception class without a __dict__
+                continue
 
 
 def _autocommits(connection: Connection) -> bool:
@@ -103,25 +113,27 @@ def retry_code(error: BaseException, ours: Ours | None = None) -> str | None:
             # Tasks of the app's own (a task group) that all lost races.
             codes = [retry_code(inner, ours) for inner in current.exceptions]
             return codes[0] if all(codes) else None
-        if not isinstance(current, DBAPIError):
+        origin: tuple[Engine, bool] | None = getattr(current, _ORIGIN, None)
+        if not isinstance(current, DBAPIError) and origin is None:
             # Raised from a lost race ('raise ... from'); an error merely met while handling
             # one (a bug in the app's fallback) is not run again.
             pending.append(current.__cause__)
             continue
-        if current.connection_invalidated:
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
             return None  # a disconnect: during a COMMIT its outcome is unknown
-        origin: tuple[Engine, bool] | None = getattr(current, _ORIGIN, None)
         if origin is not None and origin[1]:
             return None  # each statement was committed as it ran
         if ours is not None and (origin is None or not ours(origin[0])):
             return None  # another database's race
-        code = _code_of(current.orig)
+        # A DBAPIError, or the driver's own error it wraps (what an app's 'handle_error'
+        # listener that translates errors raises its error from).
+        code = _code_of(current.orig if isinstance(current, DBAPIError) else current)
         if code is not None:
             return code
         # A database error met while cleaning up after a lost race: MariaDB rolls a whole
         # transaction back on a deadlock, so the ROLLBACK TO SAVEPOINT that follows fails,
         # and its driver error was raised while the deadlock was being handled.
-        for failed in (current, current.orig):
+        for failed in (current, getattr(current, "orig", None)):
             if failed is not None and not failed.__suppress_context__:
                 pending.append(failed.__context__)
     return None

@@ -360,8 +360,8 @@ def _committed(session: Session) -> None:
         outer.no_retry = True
         outer = outer.parent
     if unit.opened_in is not None:
-        # A unit opened by a request's code after its own unit ended (a 'db.begin()' in a
-        # dependency's cleanup, say): the request must not run again either.
+        # A unit opened by a request's code, also after its own unit ended (a 'db.begin()'
+        # in a dependency's cleanup, say): the request must not run again either.
         unit.opened_in.stored_inside = True
     if unit.routed:
         _note_stored(session, unit)

@@ -59,9 +59,8 @@ class Unit:
         self.key = next(_tokens)
         # Expected to write: a request whose method is not a safe one (see _sqlite).
         self.writes = writes
-        # The unit this one was opened in (a 'db.begin()' block inside a request), if any;
-        # else the binding of the request whose code opened it after the request's own
-        # unit ended, if any (see Binding.stored_inside).
+        # The unit this one was opened in (a 'db.begin()' block inside a request), if any,
+        # and the binding of the code that opened it (see Binding.stored_inside).
         self.parent = parent
         self.opened_in: Binding | None = None
         # Where the unit's session connects: None for the database's own engine.
@@ -149,8 +148,8 @@ class Binding:
         # middleware that runs a request again sets them per attempt.
         self.attempt = 1
         self.retries_left = False
-        # A unit the running code opened after this binding's own unit ended committed: the
-        # request stored something, and must not run again.
+        # A unit the running code opened ('db.begin()') committed, also after this binding's
+        # own unit ended: the request stored something, and must not run again.
         self.stored_inside = False
         # Whether a unit opened through this binding starts on a read replica (a request
         # with a safe method whose client did not just write: see _replicas).

@@ -398,6 +398,11 @@ def _fresh(scope: Scope) -> Scope:
     return copy
 
 
+# Messages a server may have waiting when asked whether the client left: body chunks not
+# read yet, then the disconnect (bounded: a receive that never waits cannot spin).
+_POLLS = 64
+
+
 class _Replay:
     """The request's body messages, kept (up to a limit) for another attempt to read.
 
@@ -406,7 +411,7 @@ class _Replay:
     nothing more is kept and the running attempt is the last.
     """
 
-    __slots__ = ("_receive", "binding", "complete", "kept", "limit", "messages", "size")
+    __slots__ = ("_receive", "binding", "kept", "limit", "messages", "size")
 
     def __init__(self, receive: Receive, limit: int) -> None:
         self._receive = receive
@@ -414,7 +419,6 @@ class _Replay:
         self.size = 0
         self.limit = limit
         self.kept = True
-        self.complete = False  # the whole body is kept
         self.binding: Binding | None = None
 
     def receiver(self) -> Receive:
@@ -434,24 +438,24 @@ class _Replay:
         return receive
 
     async def client_left(self) -> bool:
-        """Whether the client is known to have left (asked of the server without waiting,
-        as Starlette's ``is_disconnected`` does); only once the whole body is kept, so that
-        asking cannot take a body message from the next attempt."""
-        if not self.kept or not self.complete:
-            return not self.kept  # not kept: a disconnect (or a body too long) was seen
-        with anyio.CancelScope() as scope:
-            scope.cancel()
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                return True
-        return False
+        """Whether the client left, or the request cannot be run again for its body: asked
+        of the server without waiting, as Starlette's ``is_disconnected`` does. A body
+        message the server had waiting is kept, for the next attempt to read."""
+        for _ in range(_POLLS):
+            if not self.kept:
+                break
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                self._keep(await self._receive())
+            if scope.cancelled_caught:
+                break  # nothing was waiting: the client is still there
+        return not self.kept
 
     def _keep(self, message: Message) -> None:
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             if self.size <= self.limit:
                 self.messages.append(message)
-                self.complete = not message.get("more_body", False)
                 return
         # Too long to keep, or the client left: this attempt is the last.
         self.kept = False
@@ -669,6 +673,8 @@ class _Exchange:
         if error is None:
             # What the stream writes from now on cannot be run again (see _retrying).
             unit.retries_left = self.binding.retries_left = False
+            if unit.commits:
+                self.scope[_retry.STORED] = True  # for a middleware of another database
             cookie = middleware.primary_cookie
             if cookie is not None and unit.stored:
                 # The client's next requests read from the primary for a while: it sees
@@ -699,7 +705,7 @@ class _Exchange:
     def lost_race(self, error: BaseException) -> str:
         """The driver's code if ``error`` escaped the app before its start, for losing a race
         that running the request again may win; else an empty string."""
-        if self.state != _BEFORE or self.binding.stored_inside:
+        if self.state != _BEFORE or self.stored_since():
             return ""
         ours = self.middleware.db.uses_engine
         return _retry.rerun_code(self.binding.unit, error, ours) or ""
@@ -709,7 +715,8 @@ class _Exchange:
         unit of its own ('db.begin()' in a cleanup), or in a unit the binding opened anew."""
         unit = self.binding.unit
         late = unit is not None and bool(unit.commits or unit.no_retry)
-        return self.binding.stored_inside or late
+        # Or a middleware of another database, inside this one, committed the request's.
+        return self.binding.stored_inside or late or bool(self.scope.get(_retry.STORED))
 
     async def _replace_busy(self, unit: Unit) -> None:
         """Our 503 replaces the app's response, as our 500 does in ``_start``."""

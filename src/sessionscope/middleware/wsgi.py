@@ -224,7 +224,7 @@ class WSGISessionMiddleware:
             except BaseException as error:
                 # A cancellation or an exit ends the request, whatever the attempt met.
                 code = response._rerun if isinstance(error, Exception) else ""
-                if code and response._binding.stored_inside:
+                if code and response.stored_since():
                     code = ""  # its code stored something since: see _stored_since
                 if not code:
                     if not self._failed(response, error):
@@ -234,7 +234,7 @@ class WSGISessionMiddleware:
                 response._close()
             else:
                 code = response._rerun
-                if code and response._binding.stored_inside:
+                if code and response.stored_since():
                     return self._stored_since(response, environ, start_response)
                 if not code:
                     return response
@@ -471,6 +471,8 @@ class _Response:
             commit = self._commits()
             error = self._units.end(unit, commit, keep=True)
             self._committed = commit and error is None
+            if unit.commits:
+                self._environ[_retry.STORED] = True  # for a middleware of another database
             if error is not None:
                 busy = _exhaustion.is_pool_timeout(error)
             else:
@@ -536,7 +538,7 @@ class _Response:
             code = _retry.rerun_code(unit, error) or ""
         elif lost is not None and not commit and (self._code or 500) >= 500:
             code = _retry.rerun_code(unit, lost, self._middleware.db.uses_engine) or ""
-        if self._binding.stored_inside:
+        if self.stored_since():
             code = ""
         if not code and lost is not None:
             # Not run again after all (the status committed it, or the app's code stored
@@ -544,9 +546,14 @@ class _Response:
             logger.error("The request lost a race; it is not run again.", exc_info=lost)
         return code
 
+    def stored_since(self) -> bool:
+        """Whether the request's code stored something in a unit of its own ('db.begin()'),
+        or a middleware of another database inside this one committed the request's."""
+        return self._binding.stored_inside or bool(self._environ.get(_retry.STORED))
+
     def runs_again(self, error: BaseException) -> bool:
         """See ``WSGISessionMiddleware.runs_again``."""
-        if self._settled or not isinstance(error, Exception) or self._binding.stored_inside:
+        if self._settled or not isinstance(error, Exception) or self.stored_since():
             return False
         if _retry.rerun_code(self._binding.unit, error, self._middleware.db.uses_engine) is None:
             return False
@@ -556,7 +563,7 @@ class _Response:
     def lost_race(self, error: BaseException) -> str:
         """The driver's code if ``error`` escaped the app, before its status left, for losing
         a race that running the request again may win; else an empty string."""
-        if self._settled or not isinstance(error, Exception) or self._binding.stored_inside:
+        if self._settled or not isinstance(error, Exception) or self.stored_since():
             return ""
         return _retry.rerun_code(self._binding.unit, error, self._middleware.db.uses_engine) or ""
 
