@@ -14,13 +14,11 @@ PostgreSQL (SERIALIZABLE) through a real server:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -49,6 +47,7 @@ from .._retry import (
 )
 from .._uvicorn import serve, wait_until
 from ..conftest import Backend, DatabaseFactory, backend_params
+from .test_asgi_streams import hypercorn_h2c
 
 pytestmark = pytest.mark.anyio
 
@@ -213,54 +212,9 @@ async def test_app_catching_lost_commit_and_storing_a_fallback_is_not_run_again(
 
 @asynccontextmanager
 async def hypercorn_serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Serve ``app`` with hypercorn on a free loopback port in a thread; yield its URL."""
-    from hypercorn.asyncio import serve as serve_hypercorn
-    from hypercorn.config import Config
-    from hypercorn.typing import Framework
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 2
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    async def stopped() -> None:
-        # Polled: set from the test's thread, which cannot set an asyncio.Event of this loop.
-        while not stop.is_set():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-    def run() -> None:
-        try:
-            asyncio.run(serve_hypercorn(cast("Framework", app), config, shutdown_trigger=stopped))
-        except BaseException as exc:  # pragma: no cover - reported below
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="hypercorn", daemon=True)
-    thread.start()
-    try:
-        with anyio.fail_after(20):
-            while True:
-                try:
-                    stream = await anyio.connect_tcp("127.0.0.1", port)
-                except OSError:
-                    if not thread.is_alive():
-                        raise RuntimeError(f"hypercorn did not start: {failure!r}") from None
-                    await anyio.sleep(0.02)
-                else:
-                    await stream.aclose()
-                    break
+    """Serve ``app`` with hypercorn (HTTP/1.1 and h2c) in a thread; yield its URL."""
+    async with hypercorn_h2c(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        await anyio.to_thread.run_sync(thread.join, 30)
-        if thread.is_alive():  # pragma: no cover
-            raise RuntimeError("hypercorn did not stop within 30 s")
-    if failure:  # pragma: no cover
-        raise failure[0]
 
 
 @asynccontextmanager
