@@ -28,6 +28,19 @@ INCREMENT = sa.text("UPDATE retry_counters SET n = n + 1 WHERE id = :id")
 # The code the driver gives the error of a unit of ``racy_db`` that lost its race.
 RACE_CODE: dict[str, object] = {"postgresql": "40001", "mariadb": 1020, "sqlite": 517}
 
+# What the retry line names when a request of ``racy_database`` loses its race to
+# ``lose_race`` (the raised error carries ``RACE_CODE``).
+RACE_LOG = {"postgresql": "SQLSTATE 40001", "mariadb": "MySQL 1020", "sqlite": "SQLite 517"}
+# ... and when it loses to a concurrent request: SQLite refuses a stale snapshot's write
+# (517), or the write of a read transaction while another connection holds the write lock
+# (5, at once: SQLite does not wait for it, whatever the busy timeout).
+CONCURRENT_LOG = {
+    "postgresql": {"SQLSTATE 40001"},
+    "mariadb": {"MySQL 1020"},
+    "sqlite": {"SQLite 5", "SQLite 517"},
+}
+DEADLOCK_LOG = {"postgresql": "SQLSTATE 40P01", "mariadb": "MySQL 1213"}
+
 Counters = Callable[[], dict[int, int]]
 
 

@@ -42,9 +42,12 @@ from sessionscope.middleware.wsgi import WSGISessionMiddleware
 
 from .._models import Item
 from .._retry import (
+    CONCURRENT_LOG,
+    DEADLOCK_LOG,
     INCREMENT,
     LONG_WAIT,
     RACE_CODE,
+    RACE_LOG,
     READ,
     Counters,
     counter_table,
@@ -76,18 +79,6 @@ Rows = Callable[[], list[str]]
 
 SET = sa.text("UPDATE retry_counters SET n = :n WHERE id = :id")
 
-# What the retry line names when a request of ``racy_db`` loses its race to the test's
-# connection (the raised error carries ``RACE_CODE``).
-RACE_LOG = {"postgresql": "SQLSTATE 40001", "mariadb": "MySQL 1020", "sqlite": "SQLite 517"}
-# What a request of ``racy_db`` that lost to another request may be told: SQLite refuses a
-# read transaction the write lock at once while another holds it (5), or once the other
-# committed (517).
-CONCURRENT_LOG = {
-    "postgresql": {"SQLSTATE 40001"},
-    "mariadb": {"MySQL 1020"},
-    "sqlite": {"SQLite 5", "SQLite 517"},
-}
-DEADLOCK_LOG = {"postgresql": "SQLSTATE 40P01", "mariadb": "MySQL 1213"}
 # Only a guard against a broken run waiting long on a row lock.
 LOCK_GUARD = {
     "postgresql": "SET LOCAL lock_timeout = '10s'",

@@ -46,9 +46,12 @@ from sessionscope.adapters.starlette import session_dependency
 
 from .._models import Item
 from .._retry import (
+    CONCURRENT_LOG,
+    DEADLOCK_LOG,
     INCREMENT,
     LONG_WAIT,
     RACE_CODE,
+    RACE_LOG,
     READ,
     Counters,
     counter_table,
@@ -77,17 +80,6 @@ POSTGRESQL = backend_params(["postgresql"])
 counters = pytest.fixture(counter_table)
 racy_db = pytest.fixture(racy_database)
 
-# What the retry line names when a request of ``racy_db`` loses its race to ``lose_race``.
-RACE_LOG = {"postgresql": "SQLSTATE 40001", "mariadb": "MySQL 1020", "sqlite": "SQLite 517"}
-# ... and when it loses to a concurrent request: SQLite refuses a stale snapshot's write
-# (517), or the write of a read transaction while another connection holds the write lock
-# (5, at once: SQLite does not wait for it, whatever the busy timeout).
-CONCURRENT_LOG = {
-    "postgresql": {"SQLSTATE 40001"},
-    "mariadb": {"MySQL 1020"},
-    "sqlite": {"SQLite 5", "SQLite 517"},
-}
-DEADLOCK_LOG = {"postgresql": "SQLSTATE 40P01", "mariadb": "MySQL 1213"}
 # Only a guard: a deadlock is detected long before (PostgreSQL: deadlock_timeout, 1 s).
 LOCK_TIMEOUT = {
     "postgresql": "SET LOCAL lock_timeout = '5s'",
