@@ -105,6 +105,49 @@ def test_bad_engine_option_is_a_type_error_at_construction() -> None:
     assert SECRET not in str(caught.value)
 
 
+def test_bad_engine_option_message_reads_as_sentences() -> None:
+    """SQLAlchemy's own message ends with a period: the wrapped one has no double period."""
+    with pytest.raises(TypeError, match="Invalid engine option") as caught:
+        Database("sqlite://", engine_options={"pool_sise": 5})
+    message = str(caught.value)
+    assert ".." not in message
+    assert ". 'engine_options' is passed unchanged" in message
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgres+psycopg2"])
+def test_a_postgres_url_names_the_spelling_sqlalchemy_wants(scheme: str) -> None:
+    """'postgres://' (what hosting platforms put in DATABASE_URL) says to write it as
+    'postgresql+psycopg://', the same URL otherwise, password hidden."""
+    with pytest.raises(ValueError, match="SQLAlchemy spells it 'postgresql'") as caught:
+        Database(f"{scheme}://app:{SECRET}@db.example:5433/app")
+    assert "'postgresql+psycopg://app:***@db.example:5433/app'" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_a_password_given_as_a_query_parameter_is_hidden() -> None:
+    """'?password=...' is hidden wherever sessionscope shows the URL: repr, db.url, errors."""
+    url = f"postgresql+psycopg://app@localhost/app?sslmode=require&password={SECRET}"
+    db = Database(url)
+    try:
+        assert SECRET not in repr(db)
+        assert db.url == "postgresql+psycopg://app@localhost/app?password=***&sslmode=require"
+    finally:
+        db.dispose()
+    with pytest.raises(TypeError, match="Invalid engine option") as caught:
+        Database(url, engine_options={"pool_sise": 5})
+    assert SECRET not in str(caught.value)
+    assert "password=***" in str(caught.value)
+
+
+def test_an_in_memory_sqlite_url_is_shown_as_written() -> None:
+    db = Database("sqlite:///:memory:")
+    try:
+        assert repr(db) == "<Database sqlite:///:memory:>"
+        assert db.url == "sqlite:///:memory:"
+    finally:
+        db.dispose()
+
+
 def test_bad_session_option_is_a_type_error_at_construction(tmp_path: Path) -> None:
     """A misspelled session option must fail at start-up, not on the first request."""
     with pytest.raises(TypeError, match=r"Invalid session option.*expire_on_comit"):

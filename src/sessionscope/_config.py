@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,11 +58,22 @@ _DRIVER_PACKAGES = {
 
 
 def safe_url(url: str | URL) -> str:
-    """Render ``url`` with its password hidden, for messages and logs."""
+    """Render ``url`` with its password hidden, for messages and logs: the one in
+    ``user:password@`` and one given as a query parameter (``?password=...``)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
         return "<unparsable URL>"
+    rendered = parsed.render_as_string(hide_password=True)
+    if "password" in parsed.query:
+        rendered = _QUERY_PASSWORD.sub(r"\1***", rendered)
+    if parsed.get_backend_name() == "sqlite" and parsed.database == ":memory:":
+        # SQLAlchemy renders it percent-encoded: show it as it is written.
+        rendered = rendered.replace("%3Amemory%3A", ":memory:", 1)
+    return rendered
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
 
 def default_url() -> str:
@@ -91,6 +103,14 @@ def is_async_url(url: str | URL) -> bool:
     try:
         dialect = parsed.get_dialect()
     except NoSuchModuleError:
+        if parsed.get_backend_name() == "postgres":
+            # What several hosting platforms put in DATABASE_URL.
+            raise ValueError(
+                f"Unknown database driver {parsed.drivername!r} in {safe_url(parsed)!r}:"
+                " SQLAlchemy spells it 'postgresql'. Write the URL as"
+                f" {safe_url(parsed.set(drivername='postgresql+psycopg'))!r} (psycopg 3), or"
+                " 'postgresql+asyncpg://...' for asyncio."
+            ) from None
         raise ValueError(
             f"Unknown database driver {parsed.drivername!r} in {safe_url(parsed)!r}."
             " Use a SQLAlchemy dialect name such as 'sqlite', 'sqlite+aiosqlite',"
@@ -159,7 +179,7 @@ def make_engine(
         ) from exc
     except TypeError as exc:
         raise TypeError(
-            f"Invalid engine option for {safe_url(parsed)!r}: {exc}."
+            f"Invalid engine option for {safe_url(parsed)!r}: {str(exc).rstrip('. ')}."
             " 'engine_options' is passed unchanged to SQLAlchemy's create_engine();"
             " check its documentation for the names it accepts."
         ) from exc

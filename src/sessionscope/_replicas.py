@@ -48,6 +48,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CTE, TextualSelect
 
+from ._config import safe_url
 from ._tracking import reads_only
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class Replicas:
             self._down[engine] = time.monotonic() + DOWN_FOR
         logger.warning(
             "Replica %s cannot be reached (%s); its reads go to the primary for %.0f s.",
-            engine.url.render_as_string(hide_password=True),
+            safe_url(engine.url),
             type(error.orig if isinstance(error, DBAPIError) else error).__name__,
             DOWN_FOR,
         )
@@ -163,7 +164,7 @@ def ends_quietly(engine: Engine) -> None:
             logger.warning(
                 "Ending a read transaction on the replica %s failed; it only read, so"
                 " nothing is lost.",
-                engine.url.render_as_string(hide_password=True),
+                safe_url(engine.url),
                 exc_info=True,
             )
 
