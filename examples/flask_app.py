@@ -29,7 +29,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "example_items"
+    __tablename__ = "flask_example_items"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)

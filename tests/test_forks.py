@@ -224,10 +224,10 @@ def test_preloaded_gunicorn_workers_store_each_item_once(backend: Backend, check
         assert statuses == [201] * 64
         with checker.connect() as connection:
             stored = connection.scalars(
-                sa.text("SELECT name FROM example_items WHERE name LIKE :prefix"),
+                sa.text("SELECT name FROM flask_example_items WHERE name LIKE :prefix"),
                 {"prefix": f"{prefix}%"},
             ).all()
         assert sorted(stored) == sorted(names)
     finally:
         with checker.begin() as connection:
-            connection.execute(sa.text("DROP TABLE IF EXISTS example_items"))
+            connection.execute(sa.text("DROP TABLE IF EXISTS flask_example_items"))
