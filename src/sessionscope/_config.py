@@ -76,6 +76,14 @@ def safe_url(url: str | URL) -> str:
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
 
+def brief(error: BaseException) -> str:
+    """``error``'s class and the first line of what the driver said, for a log line: no SQL
+    and no values (PostgreSQL's DETAIL line, which quotes them, is left out)."""
+    cause = getattr(error, "orig", None) or error
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+
+
 def default_url() -> str:
     """``DATABASE_URL`` if set, else the embedded SQLite file in the working directory."""
     return os.environ.get("DATABASE_URL") or f"sqlite:///{Path.cwd() / DEFAULT_FILENAME}"

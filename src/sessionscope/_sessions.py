@@ -142,6 +142,8 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
         return
     if rerun_code(unit, error) is not None:
         return  # run again, and logged once as such (see _retry)
+    if unit is not None and unit.mapped:
+        return  # answered by the app's 'on_commit_error': the adapter says so
     logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import _exhaustion, _replicas, _retry
+from .. import _config, _exhaustion, _replicas, _retry
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from .._unit import SAFE_METHODS, Binding, Unit, default_commit_on
 
@@ -253,7 +253,7 @@ class SessionMiddleware:
             " its code stored something since, or its client left.",
             exc_info=error,
         )
-        await self._send_failure(error, exchange.scope, receive, send)
+        await self._send_failure(error, exchange.scope, receive, send, logged=True)
 
     async def _end_request(
         self, exchange: _Exchange, token: Token[Binding | None], failed: bool
@@ -315,8 +315,19 @@ class SessionMiddleware:
         await send({"type": "http.response.body", "body": _exhaustion.BODY})
 
     async def _send_failure(
-        self, error: BaseException, scope: Scope, receive: Receive, send: Send
+        self,
+        error: BaseException,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        logged: bool = False,
     ) -> None:
+        """Answer a failed commit: ``on_commit_error``'s response, or a plain 500.
+
+        :param logged: the failure is logged already. Otherwise, with ``on_commit_error`` (the
+            commit's own log left the failure to it), one WARNING line without traceback
+            says how the app answered it, or an ERROR with the traceback if it did not.
+        """
         if self.on_commit_error is not None:
             try:
                 replacement = self.on_commit_error(error)
@@ -324,8 +335,25 @@ class SessionMiddleware:
                 logger.exception("The 'on_commit_error' hook raised; sending a plain 500")
                 replacement = None
             if replacement is not None:
+                if not logged:
+                    logger.warning(
+                        "Commit failed for %s %s on %s (%s); rolled back, and answered by"
+                        " 'on_commit_error'.",
+                        scope["method"],
+                        scope["path"],
+                        self.db.url,
+                        _config.brief(error),
+                    )
                 await replacement(scope, receive, send)
                 return
+            if not logged:
+                logger.error(
+                    "Commit failed for %s %s on %s; the unit of work was rolled back.",
+                    scope["method"],
+                    scope["path"],
+                    self.db.url,
+                    exc_info=error,
+                )
         await send(_FAILURE_START)
         await send({"type": "http.response.body", "body": _FAILURE_BODY})
 
@@ -664,12 +692,17 @@ class _Exchange:
         unit = self.binding.unit
         assert unit is not None
         commit = middleware.commit_on(self.status)
+        # A failed commit here is answered by the app's 'on_commit_error', if any: then the
+        # answer is logged, not the failure (see _send_failure).
+        unit.mapped = middleware.on_commit_error is not None
         try:
             error = await units.end_async(unit, commit, keep=True, inline=middleware.inline)
         except BaseException:
             # Cancelled (the app may catch it and send another start): this one never left.
             self.state = _BEFORE
             raise
+        finally:
+            unit.mapped = False
         if error is None:
             # What the stream writes from now on cannot be run again (see _retrying).
             unit.retries_left = self.binding.retries_left = False

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from .. import _exhaustion, _replicas, _retry
+from .. import _config, _exhaustion, _replicas, _retry
 from .._unit import SAFE_METHODS, Binding, default_commit_on
 
 if TYPE_CHECKING:
@@ -135,6 +135,8 @@ class WSGISessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.on_commit_error = on_commit_error or internal_server_error
+        # The app answers failed commits itself: their log says so, without a traceback.
+        self.maps_commit_errors = on_commit_error is not None
         self.source = source
         self.service_unavailable = service_unavailable(retry_after)
         # Read replicas: whether requests with a safe method start on one, and the cookie
@@ -469,7 +471,13 @@ class _Response:
         busy = False
         if unit is not None:
             commit = self._commits()
-            error = self._units.end(unit, commit, keep=True)
+            # Answered by the app's 'on_commit_error', if any: then the answer is logged,
+            # not the failure (see _replace).
+            unit.mapped = self._middleware.maps_commit_errors
+            try:
+                error = self._units.end(unit, commit, keep=True)
+            finally:
+                unit.mapped = False
             self._committed = commit and error is None
             if unit.commits:
                 self._environ[_retry.STORED] = True  # for a middleware of another database
@@ -594,11 +602,30 @@ class _Response:
         self._iterator = iter(self._replacement)
 
     def _replace(self, error: BaseException) -> None:
+        middleware = self._middleware
+        environ = self._environ
+        where = (environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/"))
         try:
             self._replace_with(self._on_commit_error(error))
         except Exception:
             logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
+            if middleware.maps_commit_errors:
+                logger.error(
+                    "Commit failed for %s %s on %s; the unit of work was rolled back.",
+                    *where,
+                    middleware.db.url,
+                    exc_info=error,
+                )
             self._replace_with(internal_server_error(error))
+            return
+        if middleware.maps_commit_errors:
+            logger.warning(
+                "Commit failed for %s %s on %s (%s); rolled back, and answered by"
+                " 'on_commit_error'.",
+                *where,
+                middleware.db.url,
+                _config.brief(error),
+            )
 
     # -- what the server calls -----------------------------------------------------------
 

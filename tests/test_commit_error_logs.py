@@ -1,0 +1,133 @@
+"""How a failed commit is logged: an outcome the app answers with 'on_commit_error' is one
+WARNING line naming the request, the database and the driver's message (no traceback, no
+SQL, no values); one it does not answer is an ERROR with the traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from werkzeug.test import Client
+
+from sessionscope import Database, SessionMiddleware
+from sessionscope.middleware.wsgi import WSGISessionMiddleware
+
+from ._models import Base, Item
+from .conftest import assert_no_leaks
+
+pytestmark = pytest.mark.anyio
+
+SECRET_VALUE = "apple-7f3a"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database[Any]]:
+    database: Database[Any] = Database(f"sqlite:///{tmp_path / 'logs.sqlite3'}")
+    Base.metadata.create_all(database.sync_engine)
+    yield database
+    assert_no_leaks(database)
+    database.dispose()
+
+
+def library(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "sessionscope" and r.levelno == level]
+
+
+def asgi_app(db: Database[Any], **options: Any) -> Starlette:
+    def add(request: Request) -> Response:
+        db.session.add(Item(name=SECRET_VALUE))  # flushed by the commit: a duplicate fails there
+        return PlainTextResponse("created", status_code=201)
+
+    app = Starlette(routes=[Route("/items", add, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, db=db, **options)
+    return app
+
+
+def conflict(error: BaseException) -> Response:
+    return PlainTextResponse("exists", status_code=409)
+
+
+async def post_twice(app: Starlette) -> list[int]:
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return [(await client.post("/items")).status_code for _ in range(2)]
+
+
+def assert_answered_line(record: logging.LogRecord, db: Database[Any]) -> None:
+    message = record.getMessage()
+    assert message.startswith(f"Commit failed for POST /items on {db.url} (IntegrityError: ")
+    assert message.endswith("; rolled back, and answered by 'on_commit_error'.")
+    assert record.exc_info is None
+    # Neither the SQL nor the values it carried reach the log.
+    assert "INSERT" not in message
+    assert SECRET_VALUE not in message
+
+
+async def test_an_answered_commit_failure_is_one_warning_line(
+    db: Database[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sessionscope")
+    assert await post_twice(asgi_app(db, on_commit_error=conflict)) == [201, 409]
+    assert library(caplog, logging.ERROR) == []
+    [line] = library(caplog, logging.WARNING)
+    assert_answered_line(line, db)
+
+
+@pytest.mark.parametrize("hook", ["none", "declines"])
+async def test_an_unanswered_commit_failure_is_an_error_with_its_traceback(
+    db: Database[Any], caplog: pytest.LogCaptureFixture, hook: str
+) -> None:
+    options: dict[str, Any] = {}
+    if hook == "declines":
+        options["on_commit_error"] = lambda error: None  # the plain 500, then
+    caplog.set_level(logging.DEBUG, logger="sessionscope")
+    assert await post_twice(asgi_app(db, **options)) == [201, 500]
+    assert library(caplog, logging.WARNING) == []
+    [line] = library(caplog, logging.ERROR)
+    assert line.exc_info is not None
+    assert type(line.exc_info[1]).__name__ == "IntegrityError"
+    if hook == "declines":
+        assert line.getMessage() == (
+            f"Commit failed for POST /items on {db.url}; the unit of work was rolled back."
+        )
+
+
+@pytest.mark.parametrize("adapter", ["flask", "wsgi"])
+def test_wsgi_and_flask_log_an_answered_failure_the_same_way(
+    db: Database[Any], caplog: pytest.LogCaptureFixture, adapter: str
+) -> None:
+    def respond(error: BaseException) -> Any:
+        return lambda environ, start: (start("409 Conflict", []), [b"exists"])[1]
+
+    flask = Flask(__name__)
+
+    @flask.post("/items")
+    def add() -> tuple[str, int]:
+        db.session.add(Item(name=SECRET_VALUE))
+        return "created", 201
+
+    client: Client
+    if adapter == "flask":
+        db.init_app(flask, on_commit_error=respond)
+        client = flask.test_client()
+    else:
+        client = Client(WSGISessionMiddleware(flask.wsgi_app, db, on_commit_error=respond))
+    caplog.set_level(logging.DEBUG, logger="sessionscope")
+    statuses = []
+    for _ in range(2):
+        with client.post("/items") as response:
+            response.get_data()
+            statuses.append(response.status_code)
+    assert statuses == [201, 409]
+    assert library(caplog, logging.ERROR) == []
+    [line] = library(caplog, logging.WARNING)
+    assert_answered_line(line, db)
