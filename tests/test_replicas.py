@@ -13,6 +13,7 @@ import gc
 import http.client
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -952,3 +953,89 @@ async def test_killed_replica_costs_no_request_async(
     pair: ReplicaPair, caplog: pytest.LogCaptureFixture
 ) -> None:
     await _killed_replica_costs_no_request(pair, "async-url", caplog)
+
+
+# -- 6. faults: the replica gone before a moved unit commits; forks ------------------------
+
+
+def test_a_replica_gone_before_a_moved_unit_commits_leaves_its_write_stored(
+    pair: ReplicaPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 19: the unit read on the replica, then wrote on the primary; the replica dies
+    before the unit ends. Its read transaction's COMMIT fails, after or before the
+    primary's: the write is stored and the block ends without an error."""
+    replica = sync_replica(pair)
+    db = cast(Database[Session], make_db(pair, False, [replica]))
+    name = fresh_name()
+    caplog.set_level(logging.WARNING, logger="sessionscope")
+    try:
+        with db.begin() as session:
+            db.use_replica()
+            assert where(session.execute(READ).one()).startswith("replica:")
+            pair.stop_replica("immediate")
+            session.add(Item(name=name))
+            session.flush()
+            assert where(session.execute(READ).one()).startswith("primary:")
+        assert stored(pair, name) == 1
+        warnings = [r.getMessage() for r in caplog.records if r.name == "sessionscope"]
+        assert any(m.startswith("Ending a read transaction on the replica") for m in warnings)
+        pair.start_replica()  # for the check of both servers' backends
+        assert_clean(pair, db, replica)
+    finally:
+        db.dispose()
+        replica.dispose()
+
+
+def test_the_primary_engine_is_refused_as_a_replica(pair: ReplicaPair) -> None:
+    """A replica's failed read COMMIT is only logged: the primary's own engine, given as a
+    replica, would hide a failed write."""
+    engine = sa.create_engine(pair.primary_url)
+    try:
+        with pytest.raises(ValueError, match="is the primary's own engine"):
+            Database(engine=engine, replicas=[engine]).session  # noqa: B018
+    finally:
+        engine.dispose()
+
+
+def test_a_forked_child_reads_on_replica_connections_of_its_own(pair: ReplicaPair) -> None:
+    """Rule 21 for replica engines: a child forked after the parent read from the replica
+    never uses the parent's pooled replica connection, and the parent's still works."""
+    db = cast(Database[Session], make_db(pair, False, [pair.replica_url]))
+    backend_pid = sa.text("SELECT pg_backend_pid(), pg_is_in_recovery()")
+
+    def replica_backend() -> int:
+        with db.begin() as session:
+            db.use_replica()
+            pid, on_replica = session.execute(backend_pid).one()
+            assert on_replica
+            return int(pid)
+
+    try:
+        parent = replica_backend()
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child's coverage is never saved
+            try:
+                os.close(read_end)
+                try:
+                    report = str(replica_backend())
+                except BaseException as exc:
+                    report = repr(exc)
+                os.write(write_end, report.encode())
+            finally:
+                os._exit(0)  # never back into pytest
+        os.close(write_end)
+        try:
+            _, status = os.waitpid(child, 0)
+        finally:
+            with os.fdopen(read_end, "rb") as pipe:
+                report = pipe.read().decode()
+        assert status == 0
+        assert report.isdigit(), report
+        assert int(report) != parent
+        assert replica_backend() == parent  # its pooled connection is untouched
+        assert db.live_units == 0
+        assert db.live_sessions == 0
+        assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        db.dispose()

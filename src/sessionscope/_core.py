@@ -160,6 +160,8 @@ class Database(Generic[SessionT]):
         *,
         engine: AsyncEngine,
         session_options: Mapping[str, Any] | None = None,
+        replicas: Sequence[str | URL | Engine | AsyncEngine] = (),
+        read_your_writes: float = 15,
     ) -> None: ...
     @overload
     def __init__(
@@ -168,6 +170,8 @@ class Database(Generic[SessionT]):
         *,
         engine: Engine,
         session_options: Mapping[str, Any] | None = None,
+        replicas: Sequence[str | URL | Engine | AsyncEngine] = (),
+        read_your_writes: float = 15,
     ) -> None: ...
     @overload
     def __init__(
@@ -175,6 +179,8 @@ class Database(Generic[SessionT]):
         url: None = None,
         *,
         session_factory: async_sessionmaker[AsyncSession],
+        replicas: Sequence[str | URL | Engine | AsyncEngine] = (),
+        read_your_writes: float = 15,
     ) -> None: ...
     @overload
     def __init__(
@@ -182,6 +188,8 @@ class Database(Generic[SessionT]):
         url: None = None,
         *,
         session_factory: sessionmaker[Session],
+        replicas: Sequence[str | URL | Engine | AsyncEngine] = (),
+        read_your_writes: float = 15,
     ) -> None: ...
     @overload
     def __init__(
