@@ -19,7 +19,7 @@ from sqlalchemy.exc import IllegalStateChangeError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _exhaustion, _forks, _replicas, _streams, _tracking
+from . import _config, _exhaustion, _forks, _replicas, _streams, _tracking
 from ._retry import rerun_code
 from ._unit import Cancel, Unit
 
@@ -145,6 +145,30 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
     if unit is not None and unit.mapped:
         return  # answered by the app's 'on_commit_error': the adapter says so
     logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
+
+
+def log_mapped_failure(
+    method: str, path: str, url: str, error: BaseException, answered: bool
+) -> None:
+    """Log a failed commit of a request that its adapter left to the app's
+    ``on_commit_error`` (``Unit.mapped``): one WARNING line when the app answered it (no
+    traceback, SQL or values), else an ERROR with the traceback."""
+    if answered:
+        logger.warning(
+            "Commit failed for %s %s on %s (%s); rolled back, and answered by 'on_commit_error'.",
+            method,
+            path,
+            url,
+            _config.brief(error),
+        )
+    else:
+        logger.error(
+            "Commit failed for %s %s on %s; the unit of work was rolled back.",
+            method,
+            path,
+            url,
+            exc_info=error,
+        )
 
 
 def _commits_many(root: SessionTransaction | None) -> bool:

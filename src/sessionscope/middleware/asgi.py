@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import _config, _exhaustion, _replicas, _retry
+from .. import _exhaustion, _replicas, _retry
+from .._sessions import log_mapped_failure
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from .._unit import SAFE_METHODS, Binding, Unit, default_commit_on
 
@@ -334,26 +335,12 @@ class SessionMiddleware:
             except Exception:
                 logger.exception("The 'on_commit_error' hook raised; sending a plain 500")
                 replacement = None
+            if not logged:
+                answered = replacement is not None
+                log_mapped_failure(scope["method"], scope["path"], self.db.url, error, answered)
             if replacement is not None:
-                if not logged:
-                    logger.warning(
-                        "Commit failed for %s %s on %s (%s); rolled back, and answered by"
-                        " 'on_commit_error'.",
-                        scope["method"],
-                        scope["path"],
-                        self.db.url,
-                        _config.brief(error),
-                    )
                 await replacement(scope, receive, send)
                 return
-            if not logged:
-                logger.error(
-                    "Commit failed for %s %s on %s; the unit of work was rolled back.",
-                    scope["method"],
-                    scope["path"],
-                    self.db.url,
-                    exc_info=error,
-                )
         await send(_FAILURE_START)
         await send({"type": "http.response.body", "body": _FAILURE_BODY})
 

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from .. import _config, _exhaustion, _replicas, _retry
+from .. import _exhaustion, _replicas, _retry
+from .._sessions import log_mapped_failure
 from .._unit import SAFE_METHODS, Binding, default_commit_on
 
 if TYPE_CHECKING:
@@ -404,7 +405,8 @@ class _Response:
             raise
         finally:
             # Settled or not, the request cannot run again once the server has its response.
-            self._binding.stop_retries()
+            if self._binding.retries_left:
+                self._binding.stop_retries()
 
     def _call(self, app: WSGIApplication) -> None:
         self._calling = True
@@ -610,22 +612,11 @@ class _Response:
         except Exception:
             logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
             if middleware.maps_commit_errors:
-                logger.error(
-                    "Commit failed for %s %s on %s; the unit of work was rolled back.",
-                    *where,
-                    middleware.db.url,
-                    exc_info=error,
-                )
+                log_mapped_failure(*where, middleware.db.url, error, answered=False)
             self._replace_with(internal_server_error(error))
             return
         if middleware.maps_commit_errors:
-            logger.warning(
-                "Commit failed for %s %s on %s (%s); rolled back, and answered by"
-                " 'on_commit_error'.",
-                *where,
-                middleware.db.url,
-                _config.brief(error),
-            )
+            log_mapped_failure(*where, middleware.db.url, error, answered=True)
 
     # -- what the server calls -----------------------------------------------------------
 
