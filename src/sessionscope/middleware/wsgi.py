@@ -98,11 +98,11 @@ class WSGISessionMiddleware:
         it: ``runs_again``) or failed the commit, while the app is being called and before
         its status left. Default 0: a request may have effects outside the database that
         running it again would repeat. Not for a generator body that calls
-        ``start_response`` only once iterated, a body of unknown length or longer than
-        ``retry_body_limit``, a request that committed something itself (or in a
+        ``start_response`` only once iterated, a body longer than ``retry_body_limit``,
+        a request that committed something itself (or in a
         ``db.begin()`` nested in it) or called ``db.no_retry()``.
-    :param retry_body_limit: the bytes of a request body (its ``Content-Length``) read
-        before the first attempt, to hand to each one (default 1 MiB).
+    :param retry_body_limit: the bytes of a request body read before the first attempt, to
+        hand to each one (default 1 MiB); one of unknown length is read up to it.
 
     ```python
     app = WSGISessionMiddleware(app, db)
