@@ -95,10 +95,10 @@ async def test_an_unanswered_commit_failure_is_an_error_with_its_traceback(
     [line] = library(caplog, logging.ERROR)
     assert line.exc_info is not None
     assert type(line.exc_info[1]).__name__ == "IntegrityError"
-    if hook == "declines":
-        assert line.getMessage() == (
-            f"Commit failed for POST /items on {db.url}; the unit of work was rolled back."
-        )
+    # With or without a hook, the line says which request failed, on which database.
+    assert line.getMessage() == (
+        f"Commit failed for POST /items on {db.url}; the unit of work was rolled back."
+    )
 
 
 @pytest.mark.parametrize("adapter", ["flask", "wsgi"])
@@ -131,3 +131,38 @@ def test_wsgi_and_flask_log_an_answered_failure_the_same_way(
     assert library(caplog, logging.ERROR) == []
     [line] = library(caplog, logging.WARNING)
     assert_answered_line(line, db)
+
+
+@pytest.mark.parametrize("adapter", ["flask", "wsgi"])
+def test_wsgi_and_flask_name_the_request_of_an_unanswered_failure(
+    db: Database[Any], caplog: pytest.LogCaptureFixture, adapter: str
+) -> None:
+    """Without ``on_commit_error``, the ERROR still says which request and which database
+    failed, so the line can be traced back without reading the traceback's frames."""
+    flask = Flask(__name__)
+
+    @flask.post("/items")
+    def add() -> tuple[str, int]:
+        db.session.add(Item(name=SECRET_VALUE))
+        return "created", 201
+
+    client: Client
+    if adapter == "flask":
+        db.init_app(flask)
+        client = flask.test_client()
+    else:
+        client = Client(WSGISessionMiddleware(flask.wsgi_app, db))
+    caplog.set_level(logging.DEBUG, logger="sessionscope")
+    statuses = []
+    for _ in range(2):
+        with client.post("/items") as response:
+            response.get_data()
+            statuses.append(response.status_code)
+    assert statuses == [201, 500]
+    assert library(caplog, logging.WARNING) == []
+    [line] = library(caplog, logging.ERROR)
+    assert line.exc_info is not None
+    assert type(line.exc_info[1]).__name__ == "IntegrityError"
+    assert line.getMessage() == (
+        f"Commit failed for POST /items on {db.url}; the unit of work was rolled back."
+    )

@@ -34,7 +34,7 @@ class Unit:
         "exhausted",
         "holds",
         "key",
-        "mapped",
+        "logged_by_adapter",
         "no_retry",
         "opened_in",
         "parent",
@@ -77,9 +77,9 @@ class Unit:
         # A checkout from the pool timed out in the unit (see _exhaustion), even if the app
         # caught the error: its 5xx is the server being busy.
         self.exhausted = False
-        # Set while an adapter settles the unit and would answer a failed commit with the
-        # app's 'on_commit_error': an outcome the app handles, which the adapter logs.
-        self.mapped = False
+        # Set while an adapter settles the unit at the response start: a failed commit is
+        # then logged by the adapter, which names the request and knows how it was answered.
+        self.logged_by_adapter = False
         # Which run of its work this is (1: the first), whether runs remain should it lose a
         # race (see _retry), and whether it must not be run again (it or a unit nested in it
         # committed, or the app said so: 'db.no_retry()').

@@ -125,7 +125,7 @@ async def test_failed_commit_answers_500_with_a_clean_protocol(
     assert no_protocol_errors(served)
     commit_errors = [r for r in caplog.records if r.name == "sessionscope"]
     assert [r.getMessage() for r in commit_errors] == [
-        "Commit failed; the unit of work was rolled back."
+        f"Commit failed for POST /orphan on {db.url}; the unit of work was rolled back."
     ]
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import _exhaustion, _replicas, _retry
-from .._sessions import log_mapped_failure
+from .._sessions import log_request_failure
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from .._unit import SAFE_METHODS, Binding, Unit, default_commit_on
 
@@ -325,22 +325,23 @@ class SessionMiddleware:
     ) -> None:
         """Answer a failed commit: ``on_commit_error``'s response, or a plain 500.
 
-        :param logged: the failure is logged already. Otherwise, with ``on_commit_error`` (the
-            commit's own log left the failure to it), one WARNING line without traceback
-            says how the app answered it, or an ERROR with the traceback if it did not.
+        :param logged: the failure is logged already. Otherwise (the commit's own log left
+            the failure to this), one WARNING line without traceback says how the app's
+            ``on_commit_error`` answered it, or an ERROR with the traceback names the request
+            that failed.
         """
+        replacement = None
         if self.on_commit_error is not None:
             try:
                 replacement = self.on_commit_error(error)
             except Exception:
                 logger.exception("The 'on_commit_error' hook raised; sending a plain 500")
-                replacement = None
-            if not logged:
-                answered = replacement is not None
-                log_mapped_failure(scope["method"], scope["path"], self.db.url, error, answered)
-            if replacement is not None:
-                await replacement(scope, receive, send)
-                return
+        if not logged:
+            answered = replacement is not None
+            log_request_failure(scope["method"], scope["path"], self.db.url, error, answered)
+        if replacement is not None:
+            await replacement(scope, receive, send)
+            return
         await send(_FAILURE_START)
         await send({"type": "http.response.body", "body": _FAILURE_BODY})
 
@@ -679,9 +680,9 @@ class _Exchange:
         unit = self.binding.unit
         assert unit is not None
         commit = middleware.commit_on(self.status)
-        # A failed commit here is answered by the app's 'on_commit_error', if any: then the
-        # answer is logged, not the failure (see _send_failure).
-        unit.mapped = middleware.on_commit_error is not None
+        # A failed commit here is logged with the request it failed, and how the app's
+        # 'on_commit_error' answered it, if given (see _send_failure).
+        unit.logged_by_adapter = True
         try:
             error = await units.end_async(unit, commit, keep=True, inline=middleware.inline)
         except BaseException:
@@ -689,7 +690,7 @@ class _Exchange:
             self.state = _BEFORE
             raise
         finally:
-            unit.mapped = False
+            unit.logged_by_adapter = False
         if error is None:
             # What the stream writes from now on cannot be run again (see _retrying).
             unit.retries_left = self.binding.retries_left = False

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from .. import _exhaustion, _replicas, _retry
-from .._sessions import log_mapped_failure
+from .._sessions import log_request_failure
 from .._unit import SAFE_METHODS, Binding, default_commit_on
 
 if TYPE_CHECKING:
@@ -473,13 +473,13 @@ class _Response:
         busy = False
         if unit is not None:
             commit = self._commits()
-            # Answered by the app's 'on_commit_error', if any: then the answer is logged,
-            # not the failure (see _replace).
-            unit.mapped = self._middleware.maps_commit_errors
+            # A failed commit here is logged with the request it failed, and how the app's
+            # 'on_commit_error' answered it, if given (see _replace).
+            unit.logged_by_adapter = True
             try:
                 error = self._units.end(unit, commit, keep=True)
             finally:
-                unit.mapped = False
+                unit.logged_by_adapter = False
             self._committed = commit and error is None
             if unit.commits:
                 self._environ[_retry.STORED] = True  # for a middleware of another database
@@ -611,12 +611,12 @@ class _Response:
             self._replace_with(self._on_commit_error(error))
         except Exception:
             logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
-            if middleware.maps_commit_errors:
-                log_mapped_failure(*where, middleware.db.url, error, answered=False)
+            log_request_failure(*where, middleware.db.url, error, answered=False)
             self._replace_with(internal_server_error(error))
             return
-        if middleware.maps_commit_errors:
-            log_mapped_failure(*where, middleware.db.url, error, answered=True)
+        # The default hook (a plain 500) answers nothing the app chose.
+        answered = middleware.maps_commit_errors
+        log_request_failure(*where, middleware.db.url, error, answered=answered)
 
     # -- what the server calls -----------------------------------------------------------
 
