@@ -9,7 +9,11 @@ for ``def``, yield dependencies whose exit runs after the response, exception ha
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -284,3 +288,93 @@ async def test_test_client_with_the_middleware_leaves_nothing_behind(
     assert await anyio.to_thread.run_sync(exercise) == [201, 409, 201]
     assert rows() == ["a", "b"]
     assert idle(db)()
+
+
+DEFAULT_DB_APP = """
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sessionscope import SessionMiddleware, db
+from sessionscope.adapters.starlette import session_dependency
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+Base.metadata.create_all(db.sync_engine)
+app = FastAPI()
+app.add_middleware(SessionMiddleware)
+SessionDep = Annotated[Session, Depends(session_dependency)]
+
+
+@app.post("/items", status_code=201)
+async def create(name: str, session: SessionDep) -> dict[str, bool]:
+    session.add(Item(name=name))
+    return {"same": session is db.session()}
+
+
+@app.get("/items")
+def names(session: SessionDep) -> list[str]:
+    return list(session.scalars(select(Item.name)))
+
+
+with TestClient(app) as client:
+    created = client.post("/items", params={"name": "apple"})
+    assert (created.status_code, created.json()) == (201, {"same": True}), created.text
+    assert client.get("/items").json() == ["apple"]
+assert db.live_units == 0 and db.sync_engine.pool.checkedout() == 0
+print("ok")
+"""
+
+
+def test_the_plain_function_is_the_default_database_dependency(tmp_path: Path) -> None:
+    """``Depends(session_dependency)``, without ``(db)``, is what a user writes first: FastAPI
+    accepts it at start-up and it gives the default database's session, in async and
+    ``def`` endpoints alike (it used to fail with FastAPI's error about an invalid field)."""
+    script = tmp_path / "app.py"
+    script.write_text(DEFAULT_DB_APP)
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+    assert (tmp_path / "sessionscope.sqlite3").exists()
+
+
+async def test_the_plain_function_under_another_database_names_the_fix(
+    make_db: DatabaseFactory,
+) -> None:
+    """An app whose middleware has a database of its own, but whose endpoints ask for
+    ``Depends(session_dependency)`` (the default database's session), gets an error that
+    says which database the middleware has and what to pass instead."""
+    db = make_db()
+    app = fastapi_app(db)
+
+    @app.post("/items")
+    async def create(session: Any = Depends(session_dependency)) -> None:  # noqa: B008
+        raise AssertionError("not reached")
+
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        with pytest.raises(RuntimeError) as raised:
+            await http.post("/items")
+    assert "handled by a middleware for" in str(raised.value)
+    assert "another Database" in str(raised.value)
+    assert db.live_units == 0

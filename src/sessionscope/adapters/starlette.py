@@ -24,6 +24,7 @@ def create_item(session: SessionDep) -> dict[str, str]:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, overload
@@ -37,16 +38,16 @@ __all__ = ["dispose_on_shutdown", "session_dependency"]
 
 
 @overload
+def session_dependency() -> Session: ...
+@overload
 def session_dependency(
     db: Database[AsyncSession],
 ) -> Callable[[], Coroutine[Any, Any, AsyncSession]]: ...
 @overload
 def session_dependency(db: Database[Session]) -> Callable[[], Coroutine[Any, Any, Session]]: ...
 @overload
-def session_dependency(
-    db: Database[Any] | None = None,
-) -> Callable[[], Coroutine[Any, Any, Any]]: ...
-def session_dependency(db: Database[Any] | None = None) -> Callable[[], Coroutine[Any, Any, Any]]:
+def session_dependency(db: Database[Any]) -> Callable[[], Coroutine[Any, Any, Any]]: ...
+def session_dependency(db: Database[Any] | None = None) -> Any:
     """Make a dependency (``Depends(session_dependency(db))``) giving the request's session.
 
     It hands out the session that ``SessionMiddleware`` opened for the request, the same
@@ -54,19 +55,30 @@ def session_dependency(db: Database[Any] | None = None) -> Callable[[], Coroutin
     the middleware commits before the response starts, which a dependency with ``yield``
     cannot do (since FastAPI 0.118 its exit code runs after the response is sent).
 
-    The dependency is a coroutine function so that FastAPI calls it on the event loop, with
-    no thread hop; building the session opens no connection.
+    The dependency it makes is a coroutine function, so that FastAPI calls it on the event
+    loop, with no thread hop; building the session opens no connection.
+
+    ``Depends(session_dependency)``, the function itself, is the dependency for the default
+    database ``sessionscope.db``: FastAPI calls it with no argument, and it returns the
+    default database's session for the request (from a worker thread, as FastAPI runs a
+    plain function).
     """
     if db is None:
         from .. import db as default_db
 
-        db = default_db
+        return default_db.session()
     database = db
 
     async def current_session() -> Any:
         return database.session()
 
     return current_session
+
+
+# FastAPI reads a dependency's parameters from its signature and would take 'db' for a query
+# parameter it cannot validate (an error at start-up that names neither this function nor
+# the fix). Shown without parameters, 'Depends(session_dependency)' is called with none.
+session_dependency.__signature__ = inspect.Signature()  # type: ignore[attr-defined]
 
 
 def dispose_on_shutdown(
