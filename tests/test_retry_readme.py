@@ -1,4 +1,4 @@
-"""README's "Retrying a request that lost a race" example, run as written through uvicorn."""
+"""The docs' "Retrying a request that lost a race" example, run as written through uvicorn."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ REQUESTS = 8
 
 
 def _readme_block(heading: str) -> str:
-    """The first Python block of README.md's section ``heading``."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    """The first Python block of docs/configuration.md's section ``heading``."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     section = readme.split(f"\n{heading}\n", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -38,7 +38,11 @@ async def test_readme_retry_example_stores_every_reservation_once(
     caplog.set_level(logging.WARNING, logger="sessionscope")
     namespace: dict[str, Any] = {}
     exec(
-        compile(_readme_block("### Retrying a request that lost a race"), "README.md", "exec"),
+        compile(
+            _readme_block("## Retrying a request that lost a race"),
+            "docs/configuration.md",
+            "exec",
+        ),
         namespace,
     )
     db: Database[Session] = namespace["db"]

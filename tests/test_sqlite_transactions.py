@@ -1002,8 +1002,8 @@ def test_sqlite_begin_with_an_engine_of_ones_own_is_refused(
 
 
 def _readme_block(heading: str) -> str:
-    """The first Python block of README.md's section ``heading``."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    """The first Python block of docs/configuration.md's section ``heading``."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     section = readme.split(f"\n{heading}\n", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -1011,12 +1011,12 @@ def _readme_block(heading: str) -> str:
 def test_readme_sqlite_example_runs_as_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README's "SQLite: real transactions" example runs as written, twice: the job counts."""
+    """The docs' "SQLite: real transactions" example runs as written, twice: the job counts."""
     monkeypatch.chdir(tmp_path)
-    code = _readme_block("### SQLite: real transactions")
+    code = _readme_block("## SQLite: real transactions")
     for earlier_runs in range(2):
         namespace: dict[str, Any] = {}
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/configuration.md", "exec"), namespace)
         db: Database[Session] = namespace["db"]
         assert namespace["runs"] == earlier_runs
         assert_no_leaks(db)
