@@ -52,3 +52,22 @@ def test_the_default_database_is_typed_for_a_sync_session(tmp_path: Path) -> Non
     assert 'Revealed type is "sqlalchemy.orm.session.Session"' in lines[2]
     # The typed session catches a typo (Any would accept it silently).
     assert 'snippet.py:14: error: "scoped_session[Session]" has no attribute "comit"' in lines[3]
+
+
+@pytest.mark.timeout(300)
+def test_the_readme_example_passes_mypy_strict(tmp_path: Path) -> None:
+    """The README's opening app, as a user copies it, type-checks under ``mypy --strict``."""
+    from .test_docs_snippets import python_blocks
+
+    (tmp_path / "app.py").write_text(python_blocks(ROOT / "README.md")[0].code)
+    env = {**os.environ, "MYPYPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "app.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
