@@ -133,12 +133,17 @@ def test_wsgi_and_flask_log_an_answered_failure_the_same_way(
     assert_answered_line(line, db)
 
 
+@pytest.mark.parametrize("hook", ["none", "declines"])
 @pytest.mark.parametrize("adapter", ["flask", "wsgi"])
 def test_wsgi_and_flask_name_the_request_of_an_unanswered_failure(
-    db: Database[Any], caplog: pytest.LogCaptureFixture, adapter: str
+    db: Database[Any], caplog: pytest.LogCaptureFixture, adapter: str, hook: str
 ) -> None:
-    """Without ``on_commit_error``, the ERROR still says which request and which database
-    failed, so the line can be traced back without reading the traceback's frames."""
+    """Without ``on_commit_error``, or with one that returns None (as under ASGI: the plain
+    500, then), the ERROR still says which request and which database failed, so the line
+    can be traced back without reading the traceback's frames."""
+    options: dict[str, Any] = {}
+    if hook == "declines":
+        options["on_commit_error"] = lambda error: None
     flask = Flask(__name__)
 
     @flask.post("/items")
@@ -148,10 +153,10 @@ def test_wsgi_and_flask_name_the_request_of_an_unanswered_failure(
 
     client: Client
     if adapter == "flask":
-        db.init_app(flask)
+        db.init_app(flask, **options)
         client = flask.test_client()
     else:
-        client = Client(WSGISessionMiddleware(flask.wsgi_app, db))
+        client = Client(WSGISessionMiddleware(flask.wsgi_app, db, **options))
     caplog.set_level(logging.DEBUG, logger="sessionscope")
     statuses = []
     for _ in range(2):

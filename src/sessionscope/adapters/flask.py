@@ -62,7 +62,7 @@ def init_app(
     app: Flask,
     *,
     commit_on: Callable[[int], bool] = default_commit_on,
-    on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
+    on_commit_error: Callable[[BaseException], WSGIApplication | None] | None = None,
     retry_after: int = 1,
     retries: int = 0,
     retry_body_limit: int = DEFAULT_BODY_LIMIT,
@@ -74,7 +74,8 @@ def init_app(
     :param commit_on: decides from the final status code whether a request commits
         (default: below 400).
     :param on_commit_error: maps a failed commit to the WSGI app producing the replacement
-        response, for example a ``flask.Response``; default: a plain-text 500.
+        response, for example a ``flask.Response``, or to None for the plain 500; default: a
+        plain-text 500.
     :param retry_after: the ``Retry-After`` seconds of the 503 a request gets when its unit
         got no connection within the pool's timeout.
     :param retries: how many more times a request that lost a race with a concurrent

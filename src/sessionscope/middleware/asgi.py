@@ -335,7 +335,7 @@ class SessionMiddleware:
             try:
                 replacement = self.on_commit_error(error)
             except Exception:
-                logger.exception("The 'on_commit_error' hook raised; sending a plain 500")
+                logger.exception("The 'on_commit_error' hook raised; sending a plain 500.")
         if not logged:
             answered = replacement is not None
             log_request_failure(scope["method"], scope["path"], self.db.url, error, answered)

@@ -84,7 +84,8 @@ class WSGISessionMiddleware:
     :param commit_on: decides from the final status code whether to commit
         (default: below 400).
     :param on_commit_error: maps a failed commit to the WSGI app that produces the
-        replacement response (a Werkzeug ``Response`` works); default: a plain-text 500.
+        replacement response (a Werkzeug ``Response`` works), or to None for the plain 500;
+        default: a plain-text 500.
     :param source: where the requests' sessions connect, from ``db.add_source()``
         (``db.init_app`` passes each app's own); default: the database's own engine.
     :param retry_after: the seconds a ``503 Service Unavailable`` asks the client to wait
@@ -118,7 +119,7 @@ class WSGISessionMiddleware:
         db: Database[Any] | None = None,
         *,
         commit_on: Callable[[int], bool] = default_commit_on,
-        on_commit_error: Callable[[BaseException], WSGIApplication] | None = None,
+        on_commit_error: Callable[[BaseException], WSGIApplication | None] | None = None,
         source: Source | None = None,
         retry_after: int = 1,
         retries: int = 0,
@@ -264,7 +265,7 @@ class WSGISessionMiddleware:
         try:
             replacement = self.on_commit_error(error) if error is not None else None
         except Exception:
-            logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
+            logger.error("The 'on_commit_error' hook raised; sending a plain 500.", exc_info=True)
             replacement = None
         if replacement is None:
             replacement = internal_server_error(RuntimeError("lost race"))
@@ -607,16 +608,20 @@ class _Response:
         middleware = self._middleware
         environ = self._environ
         where = (environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/"))
+        replaced = False
         try:
-            self._replace_with(self._on_commit_error(error))
+            replacement = self._on_commit_error(error)
+            if replacement is not None:
+                self._replace_with(replacement)
+                replaced = True
         except Exception:
-            logger.error("'on_commit_error' raised; sending a plain 500.", exc_info=True)
-            log_request_failure(*where, middleware.db.url, error, answered=False)
-            self._replace_with(internal_server_error(error))
-            return
-        # The default hook (a plain 500) answers nothing the app chose.
-        answered = middleware.maps_commit_errors
+            logger.error("The 'on_commit_error' hook raised; sending a plain 500.", exc_info=True)
+        # Neither the default hook (a plain 500) nor one returning None answers what the app
+        # chose.
+        answered = replaced and middleware.maps_commit_errors
         log_request_failure(*where, middleware.db.url, error, answered=answered)
+        if not replaced:
+            self._replace_with(internal_server_error(error))
 
     # -- what the server calls -----------------------------------------------------------
 
