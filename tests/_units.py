@@ -10,7 +10,7 @@ import anyio
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_only
 
 from sessionscope import Database
 
@@ -63,7 +63,7 @@ def hold_first_commit(
             held.append(True)
             reached.set()
             asyncio.get_running_loop().call_later(release_after, release.set)
-            await_(release.wait())
+            await_only(release.wait())
 
     event.listen(db.sync_engine, "commit", hold)
     return reached, held

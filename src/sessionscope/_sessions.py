@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _config, _exhaustion, _forks, _replicas, _streams, _tracking
+from ._compat import connections
 from ._retry import rerun_code
 from ._unit import Cancel, Unit
 
@@ -52,7 +53,7 @@ def has_work(session: Session) -> bool:
     if session.new or session.dirty or session.deleted:
         return True
     root = session.get_transaction()
-    return root is not None and _tracking.wrote(root.connections)
+    return root is not None and _tracking.wrote(connections(root))
 
 
 def can_wait(session: Session, unit: Unit) -> bool:
@@ -73,8 +74,8 @@ def can_wait(session: Session, unit: Unit) -> bool:
     root = session.get_transaction()
     if root is None:
         return False
-    connections = root.connections
-    if not connections or session.new or session.dirty or session.deleted:
+    held = connections(root)
+    if not held or session.new or session.dirty or session.deleted:
         return True
     dispatch = session.dispatch
     for listeners in (
@@ -84,7 +85,7 @@ def can_wait(session: Session, unit: Unit) -> bool:
     ):
         if any(fn not in _OURS for fn in listeners):
             return True
-    return _tracking.wrote(connections) or _tracking.failed(connections)
+    return _tracking.wrote(held) or _tracking.failed(held)
 
 
 # -- commit, rollback, close ----------------------------------------------------------------
@@ -172,14 +173,14 @@ def log_request_failure(
 
 
 def _commits_many(root: SessionTransaction | None) -> bool:
-    return root is not None and len(_replicas.committing(root.connections)) > 1
+    return root is not None and len(_replicas.committing(connections(root))) > 1
 
 
 def _note_stored(session: Session, unit: Unit) -> None:
     # With read replicas: a write stored by the unit, or by a unit nested in it, sends the
     # request's client to the primary for a while (see _replicas).
     root = session.get_transaction()
-    if root is None or not _tracking.wrote(root.connections):
+    if root is None or not _tracking.wrote(connections(root)):
         return
     stored: Unit | None = unit
     while stored is not None:
@@ -275,7 +276,7 @@ def _reset_failed_connections(root: SessionTransaction | None, discard: bool = F
     """
     if root is None:
         return
-    for connection in root.connections:
+    for connection in connections(root):
         if connection.closed or connection.invalidated:
             continue
         transaction = connection.get_transaction()
@@ -303,7 +304,7 @@ def _discard_connections(root: SessionTransaction | None) -> None:
     """
     if root is None:
         return
-    for connection in root.connections:
+    for connection in connections(root):
         if not connection.closed:
             connection.invalidate()
             connection.close()
@@ -360,7 +361,7 @@ def _refuse_aborted(session: Session) -> None:
     if session not in _units or session.in_nested_transaction():
         return
     root = session.get_transaction()
-    if root is not None and _tracking.failed(root.connections):
+    if root is not None and _tracking.failed(connections(root)):
         raise RuntimeError(
             "A statement failed in this transaction and was not followed by a rollback, so"
             " it cannot commit: PostgreSQL would answer the COMMIT with a silent ROLLBACK,"

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from . import _streams
+from ._compat import connections
 from ._isolation import Isolation
 from ._sessions import (
     can_wait,
@@ -166,7 +167,7 @@ class Units:
         if isinstance(session, AsyncSession):
             session = session.sync_session
         root = session.get_transaction()
-        return root is not None and bool(root.connections)
+        return root is not None and bool(connections(root))
 
     def note_pool_timeout(self) -> None:
         """Record on the running code's unit, and the units it is nested in, that a checkout
