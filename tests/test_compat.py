@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy import orm as sa_orm
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction, mapped_column
 
@@ -143,6 +144,62 @@ def test_a_connection_is_held_although_a_listener_raises_as_it_begins(
     session.close()
     assert found[0].closed
     assert engines[0].pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("where", ["sessionmaker", "session class"])
+def test_a_listener_inserted_first_that_raises_hides_no_connection(
+    engines: tuple[Engine, Engine], where: str
+) -> None:
+    """A class-level 'after_begin' listener the app registers with ``insert=True`` after
+    sessionscope was imported runs before any of sessionscope's; when it raises, the
+    connection is held all the same (on 2.0 a record kept by a listener of sessionscope's
+    missed it)."""
+
+    def refuse(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+        raise PermissionError("tenant check failed")
+
+    class TenantSession(Session):
+        pass
+
+    first, second = engines
+    factory = sa_orm.sessionmaker(binds={First: first, Second: second}, class_=TenantSession)
+    target: Any = factory if where == "sessionmaker" else TenantSession
+    event.listen(target, "after_begin", refuse, insert=True)
+    session = factory()
+    with pytest.raises(PermissionError):
+        session.execute(sa.select(Left))
+    found = list(connections(root_of(session)))
+    assert found == [session.connection(bind_arguments={"mapper": Left})]
+    session.close()
+    assert first.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_close_by_hand_keeps_the_writes_after_such_a_listener_raised(tmp_path: Path) -> None:
+    """Rule 20 with that listener: a session closed by hand inside ``db.begin()`` keeps
+    the unit's INSERT (it was thrown away when the write's connection was not seen)."""
+    from sessionscope import Database
+
+    db: Database[Any] = Database(f"sqlite:///{tmp_path / 'hand.sqlite3'}")
+    with db.begin() as session:
+        session.execute(sa.text("CREATE TABLE hand (id INTEGER)"))
+    refused: list[bool] = []
+
+    def refuse_once(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+        if not refused:
+            refused.append(True)
+            raise PermissionError("tenant check failed")
+
+    event.listen(db.session, "after_begin", refuse_once, insert=True)
+    with db.begin() as session:
+        with pytest.raises(PermissionError):
+            session.execute(sa.text("SELECT 1"))
+        session.execute(sa.text("INSERT INTO hand VALUES (1)"))
+        session.close()  # by hand, as a helper with 'with Session() as s' would
+    with db.begin() as session:
+        assert session.execute(sa.text("SELECT count(*) FROM hand")).scalar() == 1
+    assert db.live_units == 0
+    assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    db.dispose()
 
 
 @pytest.mark.anyio
