@@ -89,9 +89,12 @@ def _drop_server_databases() -> Iterator[None]:
 _server_state: dict[str, str | None] = {}
 
 
-def _prepare_server(backend: str) -> str | None:
-    """Create this worker's database on ``backend``; return why not, or None when ready."""
-    if backend in _server_state:
+def _prepare_server(backend: str, fresh: bool = False) -> str | None:
+    """Create this worker's database on ``backend``; return why not, or None when ready.
+
+    :param fresh: drop and create it again even if this worker did already (it is empty).
+    """
+    if backend in _server_state and not fresh:
         return _server_state[backend]
     name = _worker_database_name()
     admin_url = PG_ADMIN_URL if backend == "postgresql" else MARIADB_ADMIN_URL
@@ -144,6 +147,18 @@ def _urls(backend: str, mode: str, tmp_path: Path) -> tuple[str, str, str]:
     url = base.set(drivername=driver, database=name).render_as_string(hide_password=False)
     check = base.set(drivername=sync_driver, database=name).render_as_string(hide_password=False)
     return url, check, name
+
+
+def empty_server_database(backend: str) -> str:
+    """A URL (sync driver) of this worker's database on ``backend``, empty: created again.
+
+    Skips the test when the server is unreachable, and fails it with ``CI=true``."""
+    reason = _prepare_server(backend, fresh=True)
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return _urls(backend, "sync", Path("unused"))[0]
 
 
 def backend_params(backends: list[str] = BACKENDS, modes: list[str] = MODES) -> list[Any]:

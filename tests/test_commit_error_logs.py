@@ -62,6 +62,30 @@ async def post_twice(app: Starlette) -> list[int]:
         return [(await client.post("/items")).status_code for _ in range(2)]
 
 
+def wsgi_post_twice(db: Database[Any], adapter: str, **options: Any) -> list[int]:
+    """POST the same item twice through a Flask app (``db.init_app``) or a WSGI middleware
+    around one; the statuses."""
+    flask = Flask(__name__)
+
+    @flask.post("/items")
+    def add() -> tuple[str, int]:
+        db.session.add(Item(name=SECRET_VALUE))
+        return "created", 201
+
+    client: Client
+    if adapter == "flask":
+        db.init_app(flask, **options)
+        client = flask.test_client()
+    else:
+        client = Client(WSGISessionMiddleware(flask.wsgi_app, db, **options))
+    statuses = []
+    for _ in range(2):
+        with client.post("/items") as response:
+            response.get_data()
+            statuses.append(response.status_code)
+    return statuses
+
+
 def assert_answered_line(record: logging.LogRecord, db: Database[Any]) -> None:
     message = record.getMessage()
     assert message.startswith(f"Commit failed for POST /items on {db.url} (IntegrityError: ")
@@ -108,25 +132,8 @@ def test_wsgi_and_flask_log_an_answered_failure_the_same_way(
     def respond(error: BaseException) -> Any:
         return lambda environ, start: (start("409 Conflict", []), [b"exists"])[1]
 
-    flask = Flask(__name__)
-
-    @flask.post("/items")
-    def add() -> tuple[str, int]:
-        db.session.add(Item(name=SECRET_VALUE))
-        return "created", 201
-
-    client: Client
-    if adapter == "flask":
-        db.init_app(flask, on_commit_error=respond)
-        client = flask.test_client()
-    else:
-        client = Client(WSGISessionMiddleware(flask.wsgi_app, db, on_commit_error=respond))
     caplog.set_level(logging.DEBUG, logger="sessionscope")
-    statuses = []
-    for _ in range(2):
-        with client.post("/items") as response:
-            response.get_data()
-            statuses.append(response.status_code)
+    statuses = wsgi_post_twice(db, adapter, on_commit_error=respond)
     assert statuses == [201, 409]
     assert library(caplog, logging.ERROR) == []
     [line] = library(caplog, logging.WARNING)
@@ -144,25 +151,8 @@ def test_wsgi_and_flask_name_the_request_of_an_unanswered_failure(
     options: dict[str, Any] = {}
     if hook == "declines":
         options["on_commit_error"] = lambda error: None
-    flask = Flask(__name__)
-
-    @flask.post("/items")
-    def add() -> tuple[str, int]:
-        db.session.add(Item(name=SECRET_VALUE))
-        return "created", 201
-
-    client: Client
-    if adapter == "flask":
-        db.init_app(flask, **options)
-        client = flask.test_client()
-    else:
-        client = Client(WSGISessionMiddleware(flask.wsgi_app, db, **options))
     caplog.set_level(logging.DEBUG, logger="sessionscope")
-    statuses = []
-    for _ in range(2):
-        with client.post("/items") as response:
-            response.get_data()
-            statuses.append(response.status_code)
+    statuses = wsgi_post_twice(db, adapter, **options)
     assert statuses == [201, 500]
     assert library(caplog, logging.WARNING) == []
     [line] = library(caplog, logging.ERROR)

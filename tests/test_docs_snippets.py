@@ -29,10 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
 
-from .conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL, _prepare_server, _urls
+from .conftest import empty_server_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -113,30 +111,6 @@ def _setup(block: Block, directory: Path) -> tuple[str, str]:
     return code, "pytest" if "pytest" in block.words else "run"
 
 
-def _empty_database(server: str) -> str:
-    """A URL of this worker's database on ``server``, emptied of every table."""
-    reason = _prepare_server(server)
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    url, _, name = _urls(server, "sync", Path("unused"))
-    admin = sa.create_engine(
-        PG_ADMIN_URL if server == "postgresql" else MARIADB_ADMIN_URL,
-        poolclass=NullPool,
-        isolation_level="AUTOCOMMIT",
-    )
-    with admin.connect() as connection:
-        if server == "postgresql":
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        else:
-            connection.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-            connection.execute(sa.text(f"CREATE DATABASE `{name}`"))
-    admin.dispose()
-    return url
-
-
 @pytest.mark.parametrize("block", runnable())
 def test_block_runs_as_written(block: Block, tmp_path: Path) -> None:
     """The block (with the page's files, and the blocks it continues) exits 0."""
@@ -149,7 +123,7 @@ def test_block_runs_as_written(block: Block, tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     for server in _SERVERS:
         if server in block.words:
-            env["DATABASE_URL"] = _empty_database(server)
+            env["DATABASE_URL"] = empty_server_database(server)
     if mode == "pytest":
         (tmp_path / "test_snippet.py").write_text(code)
         command = [sys.executable, "-m", "pytest", "-W", "error", "-q", "-p", "no:cacheprovider"]

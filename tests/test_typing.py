@@ -29,22 +29,27 @@ db.session.comit()
 """
 
 
-@pytest.mark.timeout(300)
-def test_the_default_database_is_typed_for_a_sync_session(tmp_path: Path) -> None:
-    """``from sessionscope import db`` gives ``db.session`` as ``scoped_session[Session]``
-    under ``mypy --strict``, so a typo'd method or a wrong argument is caught (it was
-    ``Any``, which hides both)."""
-    (tmp_path / "snippet.py").write_text(SNIPPET)
+def mypy_strict(directory: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """``mypy --strict`` on ``source``, written as ``snippet.py`` in ``directory``."""
+    (directory / "snippet.py").write_text(source)
     env = {**os.environ, "MYPYPATH": str(ROOT / "src")}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "snippet.py"],
-        cwd=tmp_path,
+        cwd=directory,
         env=env,
         capture_output=True,
         text=True,
         timeout=280,
         check=False,
     )
+
+
+@pytest.mark.timeout(300)
+def test_the_default_database_is_typed_for_a_sync_session(tmp_path: Path) -> None:
+    """``from sessionscope import db`` gives ``db.session`` as ``scoped_session[Session]``
+    under ``mypy --strict``, so a typo'd method or a wrong argument is caught (it was
+    ``Any``, which hides both)."""
+    done = mypy_strict(tmp_path, SNIPPET)
     lines = done.stdout.splitlines()
     scoped = "sqlalchemy.orm.scoping.scoped_session[sqlalchemy.orm.session.Session]"
     assert f'Revealed type is "{scoped}"' in lines[0], done.stdout
@@ -59,15 +64,5 @@ def test_the_readme_example_passes_mypy_strict(tmp_path: Path) -> None:
     """The README's opening app, as a user copies it, type-checks under ``mypy --strict``."""
     from .test_docs_snippets import python_blocks
 
-    (tmp_path / "app.py").write_text(python_blocks(ROOT / "README.md")[0].code)
-    env = {**os.environ, "MYPYPATH": str(ROOT / "src")}
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "app.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    done = mypy_strict(tmp_path, python_blocks(ROOT / "README.md")[0].code)
     assert done.returncode == 0, done.stdout
