@@ -5,13 +5,16 @@ SQL, no values); one it does not answer is an ERROR with the traceback."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from flask import Flask
+from sqlalchemy import event
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -161,3 +164,46 @@ def test_wsgi_and_flask_name_the_request_of_an_unanswered_failure(
     assert line.getMessage() == (
         f"Commit failed for POST /items on {db.url}; the unit of work was rolled back."
     )
+
+
+async def test_a_cancellation_while_the_failure_is_rolled_back_keeps_its_line(
+    db: Database[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request is cancelled (its client left, the server shuts down) while the unit of
+    a failed commit is rolled back: no answer is sent, but the failure is still logged,
+    naming the request, and nothing is left checked out."""
+    app = asgi_app(db)
+    assert await post_twice(app) == [201, 500]  # the second POST fails at its commit
+    caplog.clear()
+    rolled_back = anyio.Event()
+
+    @event.listens_for(db.session, "after_rollback")
+    def slow_rollback(session: Any) -> None:
+        time.sleep(0.3)  # the cancellation arrives during this rollback
+        rolled_back.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/items", "raw_path": b"/items", "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"test")], "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    caplog.set_level(logging.DEBUG, logger="sessionscope")
+    with anyio.move_on_after(0.1) as scope_of_test:
+        await app(scope, receive, send)
+    assert scope_of_test.cancelled_caught
+    await rolled_back.wait()
+    assert sent == []
+    [line] = library(caplog, logging.ERROR)
+    assert line.getMessage() == (
+        f"Commit failed for POST /items on {db.url}; the unit of work was rolled back."
+    )
+    event.remove(db.session, "after_rollback", slow_rollback)

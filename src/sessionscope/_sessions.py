@@ -144,16 +144,28 @@ def _log_failed_commit(error: BaseException, unit: Unit | None) -> None:
     if rerun_code(unit, error) is not None:
         return  # run again, and logged once as such (see _retry)
     if unit is not None and unit.logged_by_adapter:
-        return  # the adapter names the request, and says how it was answered
-    logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
+        return  # answered by the app's 'on_commit_error': the adapter says how
+    request = unit.request if unit is not None else None
+    if request is not None:
+        method, path, db = request
+        logger.error(
+            "Commit failed for %s %s on %s; the unit of work was rolled back.",
+            method,
+            path,
+            db.url,
+            exc_info=error,
+        )
+    else:
+        logger.error("Commit failed; the unit of work was rolled back.", exc_info=error)
 
 
 def log_request_failure(
     method: str, path: str, url: str, error: BaseException, answered: bool
 ) -> None:
-    """Log a request's failed commit, which its adapter settled (``Unit.logged_by_adapter``):
-    one WARNING line when the app's ``on_commit_error`` answered it (no traceback, SQL or
-    values), else an ERROR with the traceback; both name the request and the database."""
+    """Log a request's failed commit that its adapter left to the app's ``on_commit_error``
+    (``Unit.logged_by_adapter``): one WARNING line when the app answered it (no traceback,
+    SQL or values), else an ERROR with the traceback; both name the request and the
+    database, as the commit's own ERROR line does (``Unit.request``)."""
     if answered:
         logger.warning(
             "Commit failed for %s %s on %s (%s); rolled back, and answered by 'on_commit_error'.",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from ._core import Database
     from ._source import Source
 
 __all__ = ["SAFE_METHODS", "Binding", "Cancel", "Unit", "default_commit_on"]
@@ -41,6 +42,7 @@ class Unit:
         "reads_replica",
         "ready",
         "replica",
+        "request",
         "retries_left",
         "rollback_only",
         "routed",
@@ -77,9 +79,13 @@ class Unit:
         # A checkout from the pool timed out in the unit (see _exhaustion), even if the app
         # caught the error: its 5xx is the server being busy.
         self.exhausted = False
-        # Set while an adapter settles the unit at the response start: a failed commit is
-        # then logged by the adapter, which names the request and knows how it was answered.
+        # Set while an adapter settles the unit at the response start with the app's
+        # 'on_commit_error': a failed commit is then logged by the adapter, which knows how
+        # the app answered it.
         self.logged_by_adapter = False
+        # The request whose response started with this unit (method, path, database): a
+        # failed commit of it, at the start or at the end of its stream, names them.
+        self.request: tuple[str, str, Database[Any]] | None = None
         # Which run of its work this is (1: the first), whether runs remain should it lose a
         # race (see _retry), and whether it must not be run again (it or a unit nested in it
         # committed, or the app said so: 'db.no_retry()').

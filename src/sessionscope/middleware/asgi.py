@@ -325,23 +325,22 @@ class SessionMiddleware:
     ) -> None:
         """Answer a failed commit: ``on_commit_error``'s response, or a plain 500.
 
-        :param logged: the failure is logged already. Otherwise (the commit's own log left
-            the failure to this), one WARNING line without traceback says how the app's
-            ``on_commit_error`` answered it, or an ERROR with the traceback names the request
-            that failed.
+        :param logged: the failure is logged already. Otherwise, with ``on_commit_error`` (the
+            commit's own log left the failure to it), one WARNING line without traceback
+            says how the app answered it, or an ERROR with the traceback if it did not.
         """
-        replacement = None
         if self.on_commit_error is not None:
             try:
                 replacement = self.on_commit_error(error)
             except Exception:
                 logger.exception("The 'on_commit_error' hook raised; sending a plain 500.")
-        if not logged:
-            answered = replacement is not None
-            log_request_failure(scope["method"], scope["path"], self.db.url, error, answered)
-        if replacement is not None:
-            await replacement(scope, receive, send)
-            return
+                replacement = None
+            if not logged:
+                answered = replacement is not None
+                log_request_failure(scope["method"], scope["path"], self.db.url, error, answered)
+            if replacement is not None:
+                await replacement(scope, receive, send)
+                return
         await send(_FAILURE_START)
         await send({"type": "http.response.body", "body": _FAILURE_BODY})
 
@@ -680,9 +679,10 @@ class _Exchange:
         unit = self.binding.unit
         assert unit is not None
         commit = middleware.commit_on(self.status)
-        # A failed commit here is logged with the request it failed, and how the app's
-        # 'on_commit_error' answered it, if given (see _send_failure).
-        unit.logged_by_adapter = True
+        # A failed commit is logged naming the request; one the app's 'on_commit_error'
+        # answers, with how it answered (see _send_failure).
+        unit.request = (self.scope["method"], self.scope["path"], middleware.db)
+        unit.logged_by_adapter = middleware.on_commit_error is not None
         try:
             error = await units.end_async(unit, commit, keep=True, inline=middleware.inline)
         except BaseException:

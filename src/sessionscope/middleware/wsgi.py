@@ -474,9 +474,12 @@ class _Response:
         busy = False
         if unit is not None:
             commit = self._commits()
-            # A failed commit here is logged with the request it failed, and how the app's
-            # 'on_commit_error' answered it, if given (see _replace).
-            unit.logged_by_adapter = True
+            # A failed commit is logged naming the request; one the app's 'on_commit_error'
+            # answers, with how it answered (see _replace).
+            environ = self._environ
+            method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
+            unit.request = (method, path, self._middleware.db)
+            unit.logged_by_adapter = self._middleware.maps_commit_errors
             try:
                 error = self._units.end(unit, commit, keep=True)
             finally:
@@ -616,10 +619,9 @@ class _Response:
                 replaced = True
         except Exception:
             logger.error("The 'on_commit_error' hook raised; sending a plain 500.", exc_info=True)
-        # Neither the default hook (a plain 500) nor one returning None answers what the app
-        # chose.
-        answered = replaced and middleware.maps_commit_errors
-        log_request_failure(*where, middleware.db.url, error, answered=answered)
+        if middleware.maps_commit_errors:
+            # Without a hook of the app's, the commit's own line told the failure.
+            log_request_failure(*where, middleware.db.url, error, answered=replaced)
         if not replaced:
             self._replace_with(internal_server_error(error))
 
