@@ -245,7 +245,7 @@ class WSGISessionMiddleware:
                 response._close()
             finally:
                 binding.reset(token)
-            method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
+            method, path = _request_line(environ)
             _retry.log_retry(f"The request '{method} {path}'", code, attempt, attempts)
             time.sleep(_retry.backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns
@@ -476,9 +476,7 @@ class _Response:
             commit = self._commits()
             # A failed commit is logged naming the request; one the app's 'on_commit_error'
             # answers, with how it answered (see _replace).
-            environ = self._environ
-            method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
-            unit.request = (method, path, self._middleware.db)
+            unit.request = (*_request_line(self._environ), self._middleware.db)
             unit.logged_by_adapter = self._middleware.maps_commit_errors
             try:
                 error = self._units.end(unit, commit, keep=True)
@@ -592,9 +590,8 @@ class _Response:
         )
 
     def _report_busy(self) -> None:
-        environ = self._environ
-        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
         middleware = self._middleware
+        method, path = _request_line(self._environ)
         _exhaustion.report(method, path, middleware.db.url, middleware.retry_after)
 
     def _replace_with(self, app: WSGIApplication) -> None:
@@ -609,8 +606,7 @@ class _Response:
 
     def _replace(self, error: BaseException) -> None:
         middleware = self._middleware
-        environ = self._environ
-        where = (environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/"))
+        where = _request_line(self._environ)
         replaced = False
         try:
             replacement = self._on_commit_error(error)
@@ -770,6 +766,11 @@ class _Response:
         if unit is not None:  # ends once; a built body ends it before close() is called
             # Rolled back if still open; callbacks of a commit the app made itself still run.
             self._units.end(unit, commit=False)
+
+
+def _request_line(environ: WSGIEnvironment) -> tuple[str, str]:
+    """The request's method and path, as the log lines name it."""
+    return environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
 
 
 def _close(iterable: Iterable[bytes]) -> None:
