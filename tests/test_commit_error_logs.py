@@ -4,6 +4,7 @@ SQL, no values); one it does not answer is an ERROR with the traceback."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -36,9 +37,13 @@ SECRET_VALUE = "apple-7f3a"
 def db(tmp_path: Path) -> Iterator[Database[Any]]:
     database: Database[Any] = Database(f"sqlite:///{tmp_path / 'logs.sqlite3'}")
     Base.metadata.create_all(database.sync_engine)
-    yield database
-    assert_no_leaks(database)
-    database.dispose()
+    gc.disable()  # a leak cannot hide behind the garbage collector
+    try:
+        yield database
+        assert_no_leaks(database)
+    finally:
+        gc.enable()
+        database.dispose()
 
 
 def library(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:

@@ -8,6 +8,7 @@ connection left dirty or checked out. Each test compares them with the connectio
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,20 @@ def test_a_close_by_hand_keeps_the_writes_after_such_a_listener_raised(tmp_path:
             raise PermissionError("tenant check failed")
 
     event.listen(db.session, "after_begin", refuse_once, insert=True)
-    with db.begin() as session:
-        with pytest.raises(PermissionError):
-            session.execute(sa.text("SELECT 1"))
-        session.execute(sa.text("INSERT INTO hand VALUES (1)"))
-        session.close()  # by hand, as a helper with 'with Session() as s' would
-    with db.begin() as session:
-        assert session.execute(sa.text("SELECT count(*) FROM hand")).scalar() == 1
-    assert db.live_units == 0
-    assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    db.dispose()
+    gc.disable()  # a leak cannot hide behind the garbage collector
+    try:
+        with db.begin() as session:
+            with pytest.raises(PermissionError):
+                session.execute(sa.text("SELECT 1"))
+            session.execute(sa.text("INSERT INTO hand VALUES (1)"))
+            session.close()  # by hand, as a helper with 'with Session() as s' would
+        with db.begin() as session:
+            assert session.execute(sa.text("SELECT count(*) FROM hand")).scalar() == 1
+        assert db.live_units == 0
+        assert db.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        gc.enable()
+        db.dispose()
 
 
 @pytest.mark.anyio
